@@ -1,0 +1,137 @@
+"""One function per verb. Bad input raises :class:`UserError` (exit 2, one line on stderr)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from mtshare.checkpoint import CheckpointError
+from mtshare.config import ConfigError
+
+
+class UserError(Exception):
+    """Bad input: config, paths, data. The message names the field or file."""
+
+
+NOT_BUILT = "'{verb}' is not built yet in this version of mtshare (see the README's roadmap)"
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    handler = {
+        "data": cmd_data, "run": cmd_run, "status": cmd_status, "resume": cmd_resume, "report": cmd_report,
+        "submit": cmd_submit, "infer": cmd_infer, "bench": cmd_bench, "ui": cmd_ui,
+    }[args.verb]
+    try:
+        return handler(args)
+    except (ConfigError, CheckpointError) as e:
+        raise UserError(str(e)) from None
+    except Exception as e:  # DataError lives in mtshare.data; imported lazily (heavy imports)
+        from mtshare.data import DataError
+
+        if isinstance(e, DataError):
+            raise UserError(str(e)) from None
+        raise
+
+
+def cmd_data(args) -> int:
+    from mtshare.data import check_dataset, synthesize
+
+    if args.data_verb == "synth":
+        if args.n < 2 or args.size < 16:
+            raise UserError("data synth: need --n >= 2 and --size >= 16")
+        out = synthesize(args.layout, args.out, n=args.n, size=args.size, seed=args.seed)
+        print(f"wrote {args.n} synthetic {args.layout} scenes ({args.size}x{args.size}) to {out}")
+        return 0
+    root = Path(args.root)
+    if not root.is_dir():
+        raise UserError(f"{root}: dataset root not found")
+    print(check_dataset(args.dataset, root))
+    return 0
+
+
+def default_workdir(workdir: str | None) -> Path:
+    """``--workdir`` or, when omitted, the only suite under ./runs."""
+    if workdir:
+        return Path(workdir)
+    runs = sorted(p for p in Path("runs").glob("*") if p.is_dir()) if Path("runs").is_dir() else []
+    if len(runs) == 1:
+        return runs[0]
+    if not runs:
+        raise UserError("--workdir: no run directory given and none under ./runs")
+    raise UserError(f"--workdir: several runs under ./runs ({', '.join(p.name for p in runs)}); name one")
+
+
+def cmd_run(args) -> int:
+    from mtshare.config import load_suite_config
+
+    raw_workdir = args.workdir
+    cfg = load_suite_config(args.config, args.overrides, workdir=raw_workdir)
+    workdir = Path(raw_workdir or Path("runs") / cfg.name)
+    if args.executor == "inprocess":
+        from mtshare.report import build_report, format_report, load_results
+        from mtshare.suite import run_suite_inprocess
+
+        run_suite_inprocess(cfg, workdir)
+        print(format_report(build_report(load_results(Path(cfg.storage or workdir / "store")))))
+        return 0
+    from cluster.cli import run_suite
+
+    return run_suite(cfg, workdir, config_path=args.config, overrides=args.overrides, address=args.address,
+                     progress=not args.no_progress)
+
+
+def cmd_resume(args) -> int:
+    workdir = default_workdir(args.workdir)
+    from cluster.cli import resume_suite
+
+    return resume_suite(workdir, address=args.address, executor=args.executor, progress=not args.no_progress)
+
+
+def cmd_status(args) -> int:
+    from cluster.cli import show_status
+
+    return show_status(default_workdir(args.workdir), fmt=args.format)
+
+
+def cmd_report(args) -> int:
+    from mtshare.report import build_report, format_report, load_results
+
+    workdir = default_workdir(args.workdir)
+    store = _local_store(workdir)
+    results = load_results(store)
+    if not results:
+        raise UserError(f"{workdir}: no finished stages found (looked for result.json under {store})")
+    report = build_report(results)
+    if args.format == "json":
+        print(json.dumps(report))
+    else:
+        print(format_report(report))
+    return 0
+
+
+def _local_store(workdir: Path) -> Path:
+    """The store of a run; S3 stores are mirrored into ``<workdir>/store`` by the driver."""
+    return workdir / "store"
+
+
+def cmd_submit(args) -> int:
+    from cluster.cli import submit_suite
+    from mtshare.config import load_suite_config
+
+    cfg = load_suite_config(args.config, args.overrides, workdir=args.workdir)
+    return submit_suite(cfg, args)
+
+
+def cmd_infer(args) -> int:
+    raise UserError(NOT_BUILT.format(verb="infer"))
+
+
+def cmd_bench(args) -> int:
+    raise UserError(NOT_BUILT.format(verb="bench"))
+
+
+def cmd_ui(args) -> int:
+    from cluster.cli import serve_ui
+
+    return serve_ui(default_workdir(args.workdir), host=args.host, port=args.port)

@@ -1,0 +1,233 @@
+"""Suite configuration: pydantic schemas that ``configs/*.yaml`` validate against.
+
+A *suite* is one base task plus sub-tasks, each trained through the sharing steps. The suite
+config expands into small :class:`StageSpec` objects (``stages.plan``), one per stage; the
+training loop reads nothing else. Unknown keys are errors (``extra="forbid"``) so a typo in
+YAML or in ``--set`` fails loudly, naming the key.
+
+Path strings may contain ``{workdir}``; it is replaced by the run's work directory.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+STEPS = ("step1", "step2", "step3")
+STAGE_KINDS = ("base", "step0") + STEPS
+
+
+class ConfigError(ValueError):
+    """Bad user input in a config: the message names the field (exit code 2)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SynthConfig(_Strict):
+    """Generate a synthetic dataset at ``dataset.root`` when it does not exist yet."""
+
+    n: int = Field(160, gt=0, description="number of images (train + val)")
+    size: int = Field(64, gt=0, description="image side in pixels")
+    seed: int = 0
+
+
+class DatasetConfig(_Strict):
+    name: Literal["pascal_context", "nyud"]
+    root: str = Field(description="dataset root in the real on-disk layout")
+    img_size: int = Field(gt=0, description="train crop / val pad size (must be divisible by the patch size)")
+    synthesize: SynthConfig | None = Field(None, description="generate synthetic data here on first use")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+
+
+class ModelConfig(_Strict):
+    flavor: str = Field("vit_debug", description="vit_debug | vit_tiny | vit_small | vit_base | vit_large")
+    patch_size: int = Field(16, gt=0)
+    pretrained: str | None = Field(None, description="local weight file or timm model name; loaded strictly")
+
+    @field_validator("flavor")
+    @classmethod
+    def _known_flavor(cls, v: str) -> str:
+        from mtshare.models.vit import FLAVORS
+
+        if v not in FLAVORS:
+            raise ValueError(f"unknown flavor '{v}' (known: {', '.join(FLAVORS)})")
+        return v
+
+
+class OptimConfig(_Strict):
+    """How one stage trains. Learning rates: ``lr`` for dense weights (heads; the whole model in
+    base/step0), ``lr_delta`` for δ, ``lr_alpha`` for the gate logits."""
+
+    iters: int = Field(200, gt=0)
+    batch_size: int = Field(8, gt=0, description="per worker")
+    lr: float = Field(1e-3, gt=0)
+    lr_delta: float = Field(2e-5, gt=0)
+    lr_alpha: float = Field(0.1, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    schedule: Literal["poly", "cosine", "constant"] = "poly"
+    poly_power: float = Field(0.9, gt=0)
+    warmup_iters: int = Field(0, ge=0)
+    grad_clip: float | None = Field(1.0, description="max global grad norm over trained tensors; null = off")
+    l0_lambda: float = Field(0.0, ge=0, description="step1 L0 penalty weight λ")
+    act_l1: float = Field(0.0, ge=0, description="step3 activation-difference L1 weight c")
+    act_tau: float = Field(0.0, ge=0, description="threshold τ on |x_s − x_b| used when a result reports "
+                           "delta-activation sparsity and shared FLOPs (0 = exact)")
+    eval_every: int = Field(100, gt=0)
+    ckpt_every: int = Field(50, gt=0, description="mid-stage resume checkpoint interval (iterations)")
+    log_every: int = Field(10, gt=0)
+    fail_at_iter: int | None = Field(None, description="fault injection: the loss becomes NaN at this iteration")
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> "OptimConfig":
+        if self.warmup_iters >= self.iters:
+            raise ValueError(f"warmup_iters ({self.warmup_iters}) must be < iters ({self.iters})")
+        return self
+
+
+class StagesConfig(_Strict):
+    base: OptimConfig = OptimConfig()
+    step0: OptimConfig = OptimConfig()
+    step1: OptimConfig = OptimConfig(l0_lambda=5e-8)
+    step2: OptimConfig = OptimConfig()
+    step3: OptimConfig = OptimConfig(act_l1=2.5e-10)
+
+
+class ResourcesConfig(_Strict):
+    workers: int = Field(1, gt=0, description="Ray Train workers per stage (data parallel)")
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(0, ge=0)
+    custom: dict[str, float] = Field(default_factory=dict, description="custom Ray resources each worker needs")
+    task_resources: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="per task: extra custom resources pinning its pipeline to nodes"
+    )
+
+
+class SuiteConfig(_Strict):
+    name: str = Field(description="suite name: letters, digits, _ . - (used in paths)")
+    dataset: DatasetConfig
+    model: ModelConfig = ModelConfig()
+    base_task: str = "semseg"
+    tasks: list[str] = Field(description="sub-tasks sharing the base")
+    steps: list[Literal["step1", "step2", "step3"]] = Field(default_factory=lambda: list(STEPS))
+    references: bool = Field(True, description="also train dense step0 references (for Δm)")
+    train: StagesConfig = StagesConfig()
+    task_overrides: dict[str, dict[str, dict[str, Any]]] = Field(
+        default_factory=dict, description="per task, per stage kind: OptimConfig fields to override"
+    )
+    device: Literal["cpu", "cuda"] = "cpu"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    seed: int = 0
+    resources: ResourcesConfig = ResourcesConfig()
+    deepspeed: str = Field("configs/deepspeed/zero2.json", description="DeepSpeed JSON (ZeRO stage etc.)")
+    storage: str | None = Field(None, description="local path or s3://bucket/prefix; default {workdir}/store")
+    s3_endpoint: str | None = Field(None, description="endpoint URL of an S3-compatible server")
+    tracking_uri: str | None = Field(None, description="MLflow URI; default sqlite:///{workdir}/mlflow.db")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not SAFE_NAME.match(v):
+            raise ValueError(f"'{v}' is not a safe name (letters, digits, _ . -; max 64)")
+        return v
+
+    @model_validator(mode="after")
+    def _check_tasks(self) -> "SuiteConfig":
+        from mtshare.tasks import TASKS
+
+        for t in [self.base_task, *self.tasks]:
+            if t not in TASKS:
+                raise ValueError(f"unknown task '{t}' (known: {', '.join(TASKS)})")
+        if not self.tasks:
+            raise ValueError("tasks: the list of sub-tasks is empty")
+        if self.base_task in self.tasks:
+            raise ValueError(f"tasks: '{self.base_task}' is the base task and cannot also be a sub-task")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError("tasks: duplicate task")
+        if not self.steps or list(self.steps) != list(STEPS[: len(self.steps)]):
+            raise ValueError(f"steps: must be a prefix of {list(STEPS)} in order, got {list(self.steps)}")
+        if self.dataset.img_size % self.model.patch_size:
+            raise ValueError(
+                f"dataset.img_size {self.dataset.img_size} is not divisible by model.patch_size {self.model.patch_size}"
+            )
+        for task, per_stage in self.task_overrides.items():
+            if task not in self.tasks and task != self.base_task:
+                raise ValueError(f"task_overrides.{task}: not a task of this suite")
+            for kind, fields in per_stage.items():
+                if kind not in STAGE_KINDS:
+                    raise ValueError(f"task_overrides.{task}.{kind}: unknown stage kind (known: {', '.join(STAGE_KINDS)})")
+                try:
+                    OptimConfig(**{**getattr(self.train, kind).model_dump(), **fields})
+                except ValidationError as e:
+                    raise ValueError(f"task_overrides.{task}.{kind}: {_first_error(e)}") from None
+        return self
+
+    def optim_for(self, task: str, kind: str) -> OptimConfig:
+        base = getattr(self.train, kind).model_dump()
+        return OptimConfig(**{**base, **self.task_overrides.get(task, {}).get(kind, {})})
+
+
+def _first_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{loc}: {msg}" if loc else msg
+
+
+def _substitute(obj: Any, workdir: str) -> Any:
+    if isinstance(obj, str):
+        return obj.replace("{workdir}", workdir)
+    if isinstance(obj, dict):
+        return {k: _substitute(v, workdir) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_substitute(v, workdir) for v in obj]
+    return obj
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``--set a.b.c=value`` (value parsed as YAML). The key must already exist in the
+    schema; pydantic's ``extra="forbid"`` reports it otherwise."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item}: expected key=value")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.split(".")
+        for p in parts[:-1]:
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {key}: '{p}' is not a section")
+            node = nxt
+        node[parts[-1]] = yaml.safe_load(value)
+    return raw
+
+
+def load_suite_config(path: str | Path, overrides: list[str] = (), workdir: str | None = None) -> SuiteConfig:
+    """Read, override and validate a suite YAML. Raises :class:`ConfigError` naming the field."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e.__class__.__name__})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    raw = apply_overrides(raw, list(overrides))
+    return validate_suite(raw, source=str(path), workdir=workdir)
+
+
+def validate_suite(raw: dict, source: str = "config", workdir: str | None = None) -> SuiteConfig:
+    if workdir is None:
+        workdir = str(Path("runs") / str(raw.get("name", "suite")))
+    try:
+        return SuiteConfig(**_substitute(raw, str(workdir)))
+    except ValidationError as e:
+        raise ConfigError(f"{source}: {_first_error(e)}") from None

@@ -1,0 +1,195 @@
+"""Delta sharing: every encoder parameter of a sub-task is ``W_b + gate ⊙ δ``.
+
+``W_b`` is the frozen base-task weight, ``δ`` the trainable delta. Each delta is a
+``torch.nn.utils.parametrize`` parametrisation, so autograd carries gradients to ``δ`` and
+the gate logits ``α``; nothing is copied by hand and the timm modules stay untouched.
+
+Gate (hard concrete, Louizos et al. 2018), stretch ``(l, r) = (-1.5, 1.5)``, one ``α`` per
+element and one per tensor (the two gates multiply):
+
+    train:  z = clamp(sigmoid(log u - log(1-u) + α) (r - l) + l, 0, 1),  u ~ U(0, 1)
+    eval:   z = clamp(sigmoid(α) (r - l) + l, 0, 1)          (deterministic)
+    L0:     λ Σ sigmoid(α - log(-l/r))
+
+Modes of a :class:`DeltaParam`:
+    ``gate``  step1: ``W_b + z ⊙ δ``
+    ``mask``  step2/3: ``W_b + M ⊙ δ`` with the fixed 0/1 mask ``M``
+    ``off``   the base weight itself (used to compute base activations with the same code)
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+STRETCH_L, STRETCH_R = -1.5, 1.5
+ALPHA_INIT = 5.0
+
+
+def deterministic_gate(log_alpha: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(torch.sigmoid(log_alpha) * (STRETCH_R - STRETCH_L) + STRETCH_L, 0.0, 1.0)
+
+
+def sample_gate(log_alpha: torch.Tensor) -> torch.Tensor:
+    u = torch.rand_like(log_alpha).clamp_(1e-6, 1 - 1e-6)
+    s = torch.sigmoid(torch.log(u) - torch.log1p(-u) + log_alpha)
+    return torch.clamp(s * (STRETCH_R - STRETCH_L) + STRETCH_L, 0.0, 1.0)
+
+
+def l0_penalty_terms(log_alpha: torch.Tensor) -> torch.Tensor:
+    """Σ P(gate ≠ 0) for a tensor of gate logits (the expected L0 norm)."""
+    return torch.sigmoid(log_alpha - math.log(-STRETCH_L / STRETCH_R)).sum()
+
+
+class DeltaParam(nn.Module):
+    """Parametrisation ``W_b -> W_b + gate ⊙ δ`` (or ``+ M ⊙ δ`` in mask mode)."""
+
+    def __init__(self, shape: torch.Size, alpha_init: float = ALPHA_INIT):
+        super().__init__()
+        self.delta = nn.Parameter(torch.zeros(shape))
+        self.log_alpha = nn.Parameter(torch.full(shape, alpha_init))
+        self.log_alpha_tensor = nn.Parameter(torch.full((), alpha_init))
+        self.register_buffer("mask", torch.ones(shape))
+        self.mode = "gate"
+
+    def gate(self) -> torch.Tensor:
+        if self.training:
+            return sample_gate(self.log_alpha) * sample_gate(self.log_alpha_tensor)
+        return deterministic_gate(self.log_alpha) * deterministic_gate(self.log_alpha_tensor)
+
+    def effective_delta(self) -> torch.Tensor:
+        if self.mode == "off":
+            return torch.zeros_like(self.delta)
+        if self.mode == "mask":
+            return self.mask * self.delta
+        return self.gate() * self.delta
+
+    def forward(self, base: torch.Tensor) -> torch.Tensor:
+        if self.mode == "off":
+            return base
+        return base + self.effective_delta().to(base.dtype)
+
+    def l0(self) -> torch.Tensor:
+        return l0_penalty_terms(self.log_alpha) + l0_penalty_terms(self.log_alpha_tensor)
+
+    @torch.no_grad()
+    def freeze_mask(self) -> None:
+        """step1 -> step2: fold the deterministic gate into δ and fix ``M = 1[z δ ≠ 0]``.
+
+        Folding makes the step2 model start exactly where the step1 evaluation model ended.
+        Masked-out entries of δ become exactly zero, so the stored delta is its own mask.
+        """
+        folded = deterministic_gate(self.log_alpha) * deterministic_gate(self.log_alpha_tensor) * self.delta
+        self.mask.copy_((folded != 0).to(self.mask.dtype))
+        self.delta.copy_(folded)
+        self.mode = "mask"
+
+
+def add_deltas(encoder: nn.Module) -> dict[str, DeltaParam]:
+    """Freeze every encoder parameter and give it a :class:`DeltaParam`.
+
+    Returns the deltas by the *base parameter's* name (e.g. ``blocks.0.attn.qkv.weight``).
+    """
+    targets = [(n, p) for n, p in encoder.named_parameters()]
+    deltas = {}
+    for name, p in targets:
+        p.requires_grad_(False)
+        module_path, _, attr = name.rpartition(".")
+        module = encoder.get_submodule(module_path) if module_path else encoder
+        dp = DeltaParam(p.shape).to(device=p.device, dtype=p.dtype)
+        parametrize.register_parametrization(module, attr, dp, unsafe=True)
+        module.parametrizations[attr].original.requires_grad_(False)
+        deltas[name] = dp
+    return deltas
+
+
+def find_deltas(model: nn.Module) -> dict[str, DeltaParam]:
+    """All DeltaParams of ``model``, keyed by the base parameter's name relative to ``model``."""
+    out = {}
+    for mod_name, module in model.named_modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        for attr, plist in module.parametrizations.items():
+            for p in plist:
+                if isinstance(p, DeltaParam):
+                    out[f"{mod_name}.{attr}" if mod_name else attr] = p
+    return out
+
+
+def set_mode(deltas: dict[str, DeltaParam], mode: str) -> None:
+    assert mode in ("gate", "mask", "off")
+    for d in deltas.values():
+        d.mode = mode
+
+
+@contextmanager
+def base_mode(deltas: dict[str, DeltaParam]) -> Iterator[None]:
+    """Temporarily run the model as the frozen base (deltas switched off)."""
+    saved = {k: d.mode for k, d in deltas.items()}
+    set_mode(deltas, "off")
+    try:
+        yield
+    finally:
+        for k, d in deltas.items():
+            d.mode = saved[k]
+
+
+def l0_penalty(deltas: dict[str, DeltaParam]) -> torch.Tensor:
+    return sum(d.l0() for d in deltas.values())
+
+
+@torch.no_grad()
+def effective_deltas(deltas: dict[str, DeltaParam]) -> dict[str, torch.Tensor]:
+    """The deltas the evaluation model applies (deterministic gate or mask), by parameter name."""
+    out = {}
+    for k, d in deltas.items():
+        was = d.training
+        d.eval()
+        out[k] = d.effective_delta().detach()
+        d.train(was)
+    return out
+
+
+def delta_sparsity(deltas: dict[str, DeltaParam]) -> float:
+    """Fraction of exactly-zero entries over all effective deltas."""
+    eff = effective_deltas(deltas)
+    total = sum(t.numel() for t in eff.values())
+    zeros = sum((t == 0).sum().item() for t in eff.values())
+    return zeros / max(total, 1)
+
+
+class ActivationRecorder:
+    """Forward hooks on the step3 activation points of every block; records outputs in order.
+
+    The same hooks serve the base pass (deltas off, no grad) and the sub-task pass, so both
+    activations come from one copy of the model code.
+    """
+
+    def __init__(self, encoder: nn.Module, points: tuple[str, ...]):
+        self.outputs: list[torch.Tensor] = []
+        self.handles = []
+        for blk in encoder.blocks:
+            for p in points:
+                self.handles.append(blk.get_submodule(p).register_forward_hook(self._hook))
+        self.enabled = False
+
+    def _hook(self, module, inputs, output):
+        if self.enabled:
+            self.outputs.append(output)
+
+    @contextmanager
+    def record(self) -> Iterator[list[torch.Tensor]]:
+        self.outputs = []
+        self.enabled = True
+        try:
+            yield self.outputs
+        finally:
+            self.enabled = False
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()

@@ -1,0 +1,96 @@
+"""The suite report: per task metric, Δ vs its dense step0 reference, delta sparsities, FLOPs and
+parameters vs dense; suite totals and Δm.
+
+Built from the ``result.json`` every finished stage leaves in the store. For a sub-task the
+*shared* model is its last finished sharing step (step3 when the suite runs all steps).
+Δm averages over the sub-tasks that have a step0 reference (the base task is its own dense
+model, its contribution would be 0 by construction).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mtshare.metrics import delta_m
+
+STEP_ORDER = ("step3", "step2", "step1")
+
+
+def load_results(store: str | Path) -> dict[str, dict]:
+    """Results by stage name ("base", "<task>/<kind>") found under a local store directory."""
+    store = Path(store)
+    out = {}
+    for f in sorted(store.glob("**/result.json")):
+        r = json.loads(f.read_text())
+        out[r["stage"]] = r
+    return out
+
+
+def build_report(results: dict[str, dict]) -> dict:
+    """The report object of the command-line contract (``report --format json``)."""
+    tasks: dict[str, dict] = {}
+    base = results.get("base")
+    if base:
+        tasks[base["task"]] = _row(base, None)
+    sub_tasks = sorted({r["task"] for r in results.values() if r["kind"] != "base"})
+    for t in sub_tasks:
+        shared = next((results[f"{t}/{k}"] for k in STEP_ORDER if f"{t}/{k}" in results), None)
+        ref = results.get(f"{t}/step0")
+        if shared is None and ref is None:
+            continue
+        row = _row(shared, ref) if shared else _row(ref, ref)
+        row["stage"] = shared["stage"] if shared else ref["stage"]
+        tasks[t] = row
+    suite = {
+        "flops": sum(r["flops"] for r in tasks.values()),
+        "dense_flops": sum(r["dense_flops"] for r in tasks.values()),
+        "params_stored": sum(r["params_stored"] for r in tasks.values()),
+        "params_dense": sum(r["params_dense"] for r in tasks.values()),
+        "delta_m": None,
+    }
+    with_ref = {t: r for t, r in tasks.items() if r["reference"] is not None and r.get("stage", "").split("/")[-1] != "step0"}
+    if with_ref:
+        suite["delta_m"] = delta_m(
+            {t: r["value"] for t, r in with_ref.items()},
+            {t: r["reference"] for t, r in with_ref.items()},
+            {t: r["higher_is_better"] for t, r in with_ref.items()},
+        )
+    return {"tasks": tasks, "suite": suite}
+
+
+def _row(r: dict, ref: dict | None) -> dict:
+    return {
+        "metric": r["metric_name"], "higher_is_better": r["higher_is_better"], "value": r["metric"],
+        "reference": ref["metric"] if ref else None,
+        "delta_weight_sparsity": r.get("delta_weight_sparsity"),
+        "delta_activation_sparsity": r.get("delta_activation_sparsity"),
+        "flops": r["flops"], "dense_flops": r["dense_flops"],
+        "params_stored": r["params_stored"], "params_dense": r["params_dense"],
+        "stage": r["stage"],
+    }
+
+
+def format_report(report: dict) -> str:
+    """A fixed-width text table (what ``launcher report`` prints)."""
+    def pct(x):
+        return "-" if x is None else f"{100 * x:5.1f}%"
+
+    head = f"{'task':<12} {'stage':<18} {'metric':<6} {'value':>9} {'ref':>9} {'Δ':>8} {'δW sp':>7} {'δA sp':>7} {'GFLOPs':>9} {'dense':>9} {'params':>10} {'dense':>10}"
+    lines = [head, "-" * len(head)]
+    for t, r in report["tasks"].items():
+        ref = r["reference"]
+        delta = "-" if ref is None else f"{r['value'] - ref:+.4f}"
+        lines.append(
+            f"{t:<12} {r.get('stage', ''):<18} {r['metric']:<6} {r['value']:>9.4f} {('-' if ref is None else f'{ref:.4f}'):>9} "
+            f"{delta:>8} {pct(r['delta_weight_sparsity']):>7} {pct(r['delta_activation_sparsity']):>7} "
+            f"{r['flops'] / 1e9:>9.4f} {r['dense_flops'] / 1e9:>9.4f} {r['params_stored']:>10,} {r['params_dense']:>10,}"
+        )
+    s = report["suite"]
+    lines.append("-" * len(head))
+    dm = "-" if s["delta_m"] is None else f"{s['delta_m']:+.2f}%"
+    lines.append(
+        f"suite: {s['flops'] / 1e9:.4f} GFLOPs/image vs {s['dense_flops'] / 1e9:.4f} dense "
+        f"({s['flops'] / max(s['dense_flops'], 1e-12):.3f}x); params stored {s['params_stored']:,} vs "
+        f"{s['params_dense']:,} dense ({s['params_stored'] / max(s['params_dense'], 1):.3f}x); Δm {dm}"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,391 @@
+"""One training loop for every stage (base, step0, step1, step2, step3).
+
+A :class:`StageSpec` says what differs between stages:
+
+    kind    loads                       trains                   extra loss
+    base    (pretrained encoder)        encoder + head           -
+    step0   (pretrained encoder)        encoder + head           -
+    step1   base                        δ, gate α, head          λ · L0(α)
+    step2   base + step1 output         δ on its mask, head      -
+    step3   base + step2 output         δ on its mask, head      c · Σ|a_s − a_b|
+
+The loop runs on CPU or CUDA, fp32 or bf16, single process or under ``torch.distributed``.
+It knows nothing of Ray or DeepSpeed: a caller that wants DeepSpeed passes a ``wrap``
+function returning a :class:`Stepper` (backward / step / optimizer state), see
+``cluster/stage_runner.py``. Style: torchtitan's Trainer — ``__init__`` builds everything,
+``train_step`` does one optimiser step, ``train`` loops (step → log → checkpoint → evaluate).
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.data import DataLoader, Subset
+
+from mtshare import checkpoint as ckpt
+from mtshare import flops
+from mtshare.data import DATASETS, build_dataset
+from mtshare.models import DenseTaskModel, build_model, load_pretrained
+from mtshare.models.delta import (
+    ActivationRecorder, add_deltas, base_mode, delta_sparsity, effective_deltas, l0_penalty, set_mode,
+)
+from mtshare.models.vit import ViTEncoder
+from mtshare.stages import StageSpec
+from mtshare.tasks import get_task
+
+RESUME_FILE = "resume.pt"
+BEST_FILE = "best.safetensors"
+
+
+class StageFailure(RuntimeError):
+    """A stage cannot go on (non-finite loss, ...); the message names task, step and iteration."""
+
+
+def lr_factor(it: int, total: int, schedule: str, power: float = 0.9, warmup: int = 0) -> float:
+    """LR multiplier at iteration ``it`` (0-based) of ``total``: linear warmup, then poly,
+    cosine or constant. Always in [0, 1]: progress is clamped, so it cannot overflow."""
+    if warmup and it < warmup:
+        return (it + 1) / warmup
+    progress = min(max((it - warmup) / max(total - warmup, 1), 0.0), 1.0)
+    if schedule == "poly":
+        return (1.0 - progress) ** power
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0
+
+
+def activation_l1(sub: list[torch.Tensor], base: list[torch.Tensor]) -> torch.Tensor:
+    """Σ |a_s − a_b| over the recorded activation points (step3 penalty, before its weight c)."""
+    return sum((s.float() - b.float()).abs().sum() for s, b in zip(sub, base, strict=True))
+
+
+class Stepper:
+    """Plain PyTorch optimiser step: backward, clip the trained tensors' norm, step, zero."""
+
+    autocast = True  # the loop runs bf16 through torch.autocast
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float | None):
+        self.model, self.optimizer, self.grad_clip = model, optimizer, grad_clip
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> float:
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip else float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def optimizer_state(self) -> dict | None:
+        return self.optimizer.state_dict()
+
+    def load_optimizer_state(self, state: dict | None) -> None:
+        if state is not None:
+            self.optimizer.load_state_dict(state)
+
+
+def build_stage_model(spec: StageSpec, base_path: Path | None, base_sha256: str | None,
+                      prev_path: Path | None) -> tuple[DenseTaskModel, dict]:
+    """The model a stage trains, with its inputs loaded strictly. Returns (model, deltas)."""
+    task = get_task(spec.task)
+    out_ch = task.out_channels(spec.dataset.name)
+    model = build_model(spec.model.flavor, spec.model.patch_size, spec.task, out_ch)
+    if spec.kind in ("base", "step0"):
+        if spec.model.pretrained:
+            load_pretrained(model.encoder, spec.model.pretrained)
+        return model, {}
+    # Sub-task steps: frozen base encoder + deltas. The head starts fresh in step1.
+    enc_sd, _, manifest = ckpt.load_dense(base_path, expected_sha256=base_sha256)
+    if manifest.get("kind") != "base":
+        raise ckpt.CheckpointError(f"{base_path}: not a base checkpoint")
+    ckpt.check_keys(base_path, set(enc_sd), set(model.encoder.state_dict()), "encoder")
+    model.encoder.load_state_dict(enc_sd, strict=True)
+    deltas = add_deltas(model.encoder)
+    if spec.kind in ("step2", "step3"):
+        sha = base_sha256 or ckpt.sha256_file(base_path)
+        prev_deltas, head_sd, _ = ckpt.load_subtask(prev_path, base_sha256=sha)
+        ckpt.check_keys(prev_path, set(prev_deltas), set(deltas), "deltas")
+        with torch.no_grad():
+            for name, d in deltas.items():
+                d.delta.copy_(prev_deltas[name])
+                d.mask.copy_((prev_deltas[name] != 0).to(d.mask.dtype))
+        model.head.load_state_dict(head_sd, strict=True)
+        set_mode(deltas, "mask")
+        for d in deltas.values():  # the mask is fixed: gates do not train any more
+            d.log_alpha.requires_grad_(False)
+            d.log_alpha_tensor.requires_grad_(False)
+    return model, deltas
+
+
+class Trainer:
+    """Trains one stage. ``train()`` returns the stage result (metrics, sparsity, figures) and
+    leaves ``model.safetensors`` (last), ``best.safetensors`` and ``result.json`` in ``out_dir``.
+
+    Raises :class:`StageFailure` on a non-finite loss and ``CheckpointError`` on bad inputs.
+    """
+
+    def __init__(
+        self,
+        spec: StageSpec,
+        out_dir: str | Path,
+        base_path: str | Path | None = None,
+        base_sha256: str | None = None,
+        prev_path: str | Path | None = None,
+        device: str | torch.device | None = None,
+        wrap: Callable[[nn.Module, torch.optim.Optimizer, float | None], Any] | None = None,
+        on_log: Callable[[dict, int], None] | None = None,
+    ):
+        self.spec = spec
+        self.out_dir = Path(out_dir)
+        self.device = torch.device(device or spec.device)
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.is_rank_zero = self.rank == 0
+        self.on_log = on_log if self.is_rank_zero else None
+        self.task = get_task(spec.task)
+        self.base_path = Path(base_path) if base_path else None
+        self.base_sha256 = base_sha256
+        seed = spec.seed + 1000 * self.rank  # per-rank offset: different augmentation per worker
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+
+        self.model, self.deltas = build_stage_model(spec, self.base_path, base_sha256, Path(prev_path) if prev_path else None)
+        self.model.to(self.device)
+        self.recorder = ActivationRecorder(self.model.encoder, ViTEncoder.ACTIVATION_POINTS) if spec.kind == "step3" else None
+        self._setup_data()
+        self._setup_optimizer(wrap)
+        self.iteration = 0
+        self.epoch = 0
+        self.best: float | None = None
+        self.history: list[dict] = []
+
+    # --- setup ---------------------------------------------------------------------------
+    def _setup_data(self) -> None:
+        d = self.spec.dataset
+        train_set = build_dataset(d.name, d.root, "train", [self.spec.task], train=True, img_size=d.img_size)
+        val_set = build_dataset(d.name, d.root, "val", [self.spec.task], train=False, img_size=d.img_size)
+        if len(train_set) < self.spec.optim.batch_size * self.world_size:
+            raise StageFailure(f"{self.spec.name}: {len(train_set)} training images < one global batch")
+        self.train_sampler = torch.utils.data.DistributedSampler(
+            train_set, num_replicas=self.world_size, rank=self.rank, shuffle=True, seed=self.spec.seed, drop_last=True
+        )
+        self.train_loader = DataLoader(
+            train_set, batch_size=self.spec.optim.batch_size, sampler=self.train_sampler, drop_last=True,
+            num_workers=d.num_workers, persistent_workers=d.num_workers > 0,
+        )
+        # Validation: each rank takes a disjoint slice (no padding duplicates), counts are pooled.
+        self.val_loader = DataLoader(
+            Subset(val_set, list(range(self.rank, len(val_set), self.world_size))),
+            batch_size=self.spec.optim.batch_size, num_workers=d.num_workers,
+        )
+
+    def _setup_optimizer(self, wrap) -> None:
+        o = self.spec.optim
+        groups = self.model.param_groups()
+        dense_lr = o.lr
+        param_groups = [
+            {"params": groups["dense"], "lr": dense_lr, "base_lr": dense_lr, "weight_decay": o.weight_decay, "name": "dense"},
+            {"params": groups["delta"], "lr": o.lr_delta, "base_lr": o.lr_delta, "weight_decay": 0.0, "name": "delta"},
+            {"params": groups["alpha"], "lr": o.lr_alpha, "base_lr": o.lr_alpha, "weight_decay": 0.0, "name": "alpha"},
+        ]
+        param_groups = [g for g in param_groups if g["params"]]
+        optimizer = torch.optim.AdamW(param_groups, betas=(0.9, 0.999))
+        self.stepper = (wrap or Stepper)(self.model, optimizer, o.grad_clip)
+        self.forward_model = getattr(self.stepper, "module_for_forward", self.model)
+
+    # --- one step --------------------------------------------------------------------------
+    def _autocast(self):
+        enabled = self.spec.precision == "bf16" and self.stepper.autocast
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def train_step(self, batch: dict) -> dict[str, float]:
+        o = self.spec.optim
+        x = batch["image"].to(self.device, non_blocking=True)
+        target = batch[self.spec.task].to(self.device, non_blocking=True)
+        self.model.train()
+        for g in self.stepper.param_groups:
+            g["lr"] = g["base_lr"] * lr_factor(self.iteration, o.iters, o.schedule, o.poly_power, o.warmup_iters)
+        logs: dict[str, float] = {}
+        with self._autocast():
+            if self.recorder is not None:
+                with torch.no_grad(), base_mode(self.deltas), self.recorder.record() as base_acts:
+                    self.model.encoder(x)
+                with self.recorder.record() as sub_acts:
+                    pred = self.forward_model(x)
+            else:
+                pred = self.forward_model(x)
+            task_loss = self.task.loss(pred.float(), target) * self.task.loss_weight
+            loss = task_loss
+            if self.spec.kind == "step1" and o.l0_lambda > 0:
+                l0 = l0_penalty(self.deltas)
+                loss = loss + o.l0_lambda * l0
+                logs["l0"] = float(l0)
+            if self.recorder is not None:
+                act = activation_l1(sub_acts, base_acts)
+                loss = loss + o.act_l1 * act
+                logs["act_l1"] = float(act)
+        if o.fail_at_iter is not None and self.iteration == o.fail_at_iter:
+            loss = loss * float("nan")  # fault injection (config knob), see docs/reliability.md
+        if not torch.isfinite(loss):
+            raise StageFailure(
+                f"task {self.spec.task}, {self.spec.kind}: loss is {float(loss)} at iteration {self.iteration}"
+            )
+        self.stepper.backward(loss)
+        grad_norm = self.stepper.step()
+        self.iteration += 1
+        logs.update(loss=float(loss), task_loss=float(task_loss), grad_norm=grad_norm,
+                    lr=self.stepper.param_groups[0]["lr"])
+        return logs
+
+    # --- evaluation --------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """The task metric on the val split, pooled over all ranks (counts summed, not averaged)."""
+        self.model.eval()
+        meter = self.task.new_meter(self.spec.dataset.name)
+        for batch in self.val_loader:
+            with self._autocast():
+                pred = self.forward_model(batch["image"].to(self.device))
+            meter.update(pred.float().cpu(), batch[self.spec.task])
+        state = meter.state()
+        if self.world_size > 1:
+            for k, v in state.items():
+                t = v.to(self.device)
+                dist.all_reduce(t, op=dist.ReduceOp.SUM)
+                state[k] = t.cpu()
+            meter.load_state(state)
+        return float(meter.compute())
+
+    # --- checkpoints -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "iteration": self.iteration, "epoch": self.epoch, "best": self.best,
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": self.stepper.optimizer_state(),
+            "history": self.history,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"], strict=True)
+        self.stepper.load_optimizer_state(state["optimizer"])
+        self.iteration, self.epoch, self.best = state["iteration"], state["epoch"], state["best"]
+        self.history = list(state.get("history", []))
+
+    def _barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def save_resume(self) -> None:
+        state = self.state_dict()  # every rank builds it (ZeRO optimizer states may need a collective)
+        if self.is_rank_zero:
+            ckpt.save_train_state(self.out_dir / RESUME_FILE, state)
+        self._barrier()
+
+    def try_resume(self) -> bool:
+        path = self.out_dir / RESUME_FILE
+        if not path.exists():
+            return False
+        self.load_state_dict(ckpt.load_train_state(path))
+        return True
+
+    def manifest(self) -> dict:
+        return {"task": self.spec.task, "stage": self.spec.kind, "suite": self.spec.suite,
+                "dataset": self.spec.dataset.name, "model": self.spec.model.model_dump(),
+                "spec": self.spec.model_dump(mode="json"), "iteration": self.iteration}
+
+    def save_model(self, path: Path, extra: dict | None = None) -> str | None:
+        """Write the stage's compact checkpoint (rank 0 only); returns its sha256."""
+        if not self.is_rank_zero:
+            return None
+        manifest = {**self.manifest(), **(extra or {})}
+        head_sd = self.model.head.state_dict()
+        if self.spec.kind in ("base", "step0"):
+            kind = "base" if self.spec.kind == "base" else "dense"
+            return ckpt.save_dense(path, self.model.encoder.state_dict(), head_sd, manifest, kind=kind)
+        sha = self.base_sha256 or ckpt.sha256_file(self.base_path)
+        return ckpt.save_subtask(path, effective_deltas(self.deltas), head_sd, manifest, base_sha256=sha)
+
+    @torch.no_grad()
+    def figures(self) -> dict:
+        """FLOPs per image, parameter counts and (sub-tasks) delta sparsities, for the report."""
+        img = self.spec.dataset.img_size
+        dense_model = build_model(self.spec.model.flavor, self.spec.model.patch_size, self.spec.task,
+                                  self.task.out_channels(self.spec.dataset.name))
+        dense = flops.dense_flops(dense_model, img)
+        out = {"dense_flops": dense, "params_dense": flops.param_counts(dense_model)[1]}
+        if not self.deltas:
+            return {**out, "flops": dense, "params_stored": out["params_dense"],
+                    "delta_weight_sparsity": None, "delta_activation_sparsity": None}
+        nnz = flops.delta_nnz(effective_deltas(self.deltas))
+        batch = next(iter(self.val_loader))["image"][:4].to(self.device)
+        density = flops.activation_density(self.model, batch, self.spec.optim.act_tau)
+        return {**out,
+                "flops": flops.shared_flops(dense_model, img, nnz, density, dense_total=dense),
+                "params_stored": flops.param_counts(self.model, nnz)[0],
+                "delta_weight_sparsity": delta_sparsity(self.deltas),
+                "delta_activation_sparsity": 1.0 - sum(density.values()) / max(len(density), 1),
+                "act_tau": self.spec.optim.act_tau}
+
+    # --- the loop -------------------------------------------------------------------------
+    def train(self) -> dict:
+        o = self.spec.optim
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        resumed_from = self.iteration if self.try_resume() else None
+        if resumed_from is not None and self.on_log:
+            self.on_log({"resumed_from": float(self.iteration)}, self.iteration)
+        t0 = time.time()
+        metric = None
+        while self.iteration < o.iters:
+            self.train_sampler.set_epoch(self.epoch)
+            for batch in self.train_loader:
+                logs = self.train_step(batch)
+                it = self.iteration
+                if self.on_log and (it % o.log_every == 0 or it == o.iters):
+                    if self.spec.kind == "step1":
+                        logs["delta_sparsity"] = delta_sparsity(self.deltas)
+                    self.on_log(logs, it)
+                if it % o.eval_every == 0 or it == o.iters:
+                    metric = self.evaluate()
+                    self.history.append({"iteration": it, self.task.metric: metric})
+                    if self.on_log:
+                        self.on_log({f"val_{self.task.metric}": metric}, it)
+                    better = self.best is None or (metric > self.best if self.task.higher_is_better else metric < self.best)
+                    if better:
+                        self.best = metric
+                        self.save_model(self.out_dir / BEST_FILE, {"metric": metric})
+                if it % o.ckpt_every == 0 and it < o.iters:
+                    self.save_resume()
+                if it >= o.iters:
+                    break
+            self.epoch += 1
+        if metric is None:  # resumed exactly at the end
+            metric = self.evaluate()
+        result = {
+            "stage": self.spec.name, "task": self.spec.task, "kind": self.spec.kind,
+            "metric_name": self.task.metric, "higher_is_better": self.task.higher_is_better,
+            "metric": metric, "best_metric": self.best, "iterations": self.iteration,
+            "resumed_from": resumed_from, "train_seconds": time.time() - t0,
+        }
+        if self.is_rank_zero:
+            result.update(self.figures())
+        sha = self.save_model(self.out_dir / "model.safetensors", {"metric": metric, "result": result})
+        result["checksum"] = sha
+        if self.is_rank_zero:
+            ckpt.atomic_write_bytes(self.out_dir / "result.json", json.dumps(result, indent=1).encode())
+            (self.out_dir / RESUME_FILE).unlink(missing_ok=True)  # finished: the output supersedes it
+        self._barrier()
+        return result
