@@ -233,21 +233,21 @@ class Trainer:
             if self.spec.kind == "step1" and o.l0_lambda > 0:
                 l0 = l0_penalty(self.deltas)
                 loss = loss + o.l0_lambda * l0
-                logs["l0"] = float(l0)
+                logs["l0"] = l0.item()
             if self.recorder is not None:
                 act = activation_l1(sub_acts, base_acts)
                 loss = loss + o.act_l1 * act
-                logs["act_l1"] = float(act)
+                logs["act_l1"] = act.item()
         if o.fail_at_iter is not None and self.iteration == o.fail_at_iter:
             loss = loss * float("nan")  # fault injection (config knob), see docs/reliability.md
         if not torch.isfinite(loss):
             raise StageFailure(
-                f"task {self.spec.task}, {self.spec.kind}: loss is {float(loss)} at iteration {self.iteration}"
+                f"task {self.spec.task}, {self.spec.kind}: loss is {loss.item()} at iteration {self.iteration}"
             )
         self.stepper.backward(loss)
         grad_norm = self.stepper.step()
         self.iteration += 1
-        logs.update(loss=float(loss), task_loss=float(task_loss), grad_norm=grad_norm,
+        logs.update(loss=loss.item(), task_loss=task_loss.item(), grad_norm=grad_norm,
                     lr=self.stepper.param_groups[0]["lr"])
         return logs
 
