@@ -103,11 +103,34 @@ def cmd_report(args) -> int:
     if not results:
         raise UserError(f"{workdir}: no finished stages found (looked for result.json under {store})")
     report = build_report(results)
+    plots = write_report_plots(workdir, store, results)
     if args.format == "json":
-        print(json.dumps(report))
+        print(json.dumps(json_safe(report)))
     else:
         print(format_report(report))
+        print("plots: " + ", ".join(str(p) for p in plots))
     return 0
+
+
+def json_safe(obj):
+    """NaN / inf (undefined metrics) become null: the output stays valid JSON."""
+    import math
+
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def write_report_plots(workdir: Path, store: Path, results: dict) -> list[Path]:
+    from mtshare.plots import accuracy_vs_flops, layer_sparsity
+
+    out = workdir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    return [accuracy_vs_flops(results, out / "accuracy_vs_flops.png"), layer_sparsity(store, results, out / "layer_sparsity.png")]
 
 
 def _local_store(workdir: Path) -> Path:
@@ -124,7 +147,18 @@ def cmd_submit(args) -> int:
 
 
 def cmd_infer(args) -> int:
-    raise UserError(NOT_BUILT.format(verb="infer"))
+    from mtshare.infer import infer_images
+
+    workdir = Path(args.workdir)
+    if not (workdir / "store").is_dir():
+        raise UserError(f"{workdir}: not a run directory (no store/)")
+    for img in args.images:
+        if not Path(img).is_file():
+            raise UserError(f"{img}: image not found")
+    panels = infer_images(workdir, args.images, args.out)
+    for p in panels:
+        print(p)
+    return 0
 
 
 def cmd_bench(args) -> int:

@@ -74,7 +74,7 @@ def read_manifest(path: str | Path) -> dict:
         raise CheckpointError(f"{path}: not a readable mtshare checkpoint ({e.__class__.__name__}: {e})") from None
 
 
-def _load_tensors(path: str | Path, expected_sha256: str | None) -> tuple[dict[str, torch.Tensor], dict]:
+def load_tensors(path: str | Path, expected_sha256: str | None) -> tuple[dict[str, torch.Tensor], dict]:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: checkpoint not found")
@@ -112,7 +112,7 @@ def save_dense(path, encoder_sd: dict, head_sd: dict, manifest: dict, kind: str 
 
 def load_dense(path, expected_sha256: str | None = None) -> tuple[dict, dict, dict]:
     """Returns (encoder_sd, head_sd, manifest); checks the sha256 when given."""
-    tensors, manifest = _load_tensors(path, expected_sha256)
+    tensors, manifest = load_tensors(path, expected_sha256)
     if manifest.get("kind") not in ("base", "dense"):
         raise CheckpointError(f"{path}: expected a base/dense checkpoint, found kind '{manifest.get('kind')}'")
     return _split(tensors, "encoder."), _split(tensors, "head."), manifest
@@ -163,7 +163,7 @@ def load_subtask(path, base_sha256: str, expected_sha256: str | None = None) -> 
 
     Refuses a file made against another base (``base_sha256`` is the sha256 of the base file
     the caller holds)."""
-    tensors, manifest = _load_tensors(path, expected_sha256)
+    tensors, manifest = load_tensors(path, expected_sha256)
     if manifest.get("kind") != "subtask":
         raise CheckpointError(f"{path}: expected a sub-task checkpoint, found kind '{manifest.get('kind')}'")
     if manifest["base_sha256"] != base_sha256:

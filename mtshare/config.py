@@ -79,6 +79,7 @@ class OptimConfig(_Strict):
     act_tau: float = Field(0.0, ge=0, description="threshold τ on |x_s − x_b| used when a result reports "
                            "delta-activation sparsity and shared FLOPs (0 = exact)")
     eval_every: int = Field(100, gt=0)
+    edge_thresholds: int = Field(99, gt=0, description="ODS-F thresholds for edge evaluation (99 = BSDS; fewer is faster)")
     ckpt_every: int = Field(50, gt=0, description="mid-stage resume checkpoint interval (iterations)")
     log_every: int = Field(10, gt=0)
     fail_at_iter: int | None = Field(None, description="fault injection: the loss becomes NaN at this iteration")

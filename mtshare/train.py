@@ -62,6 +62,15 @@ def lr_factor(it: int, total: int, schedule: str, power: float = 0.9, warmup: in
     return 1.0
 
 
+def is_better(metric: float, best: float | None, higher_is_better: bool) -> bool:
+    """NaN (an undefined metric, e.g. no positives in val) is never better than anything."""
+    if math.isnan(metric):
+        return False
+    if best is None or math.isnan(best):
+        return True
+    return metric > best if higher_is_better else metric < best
+
+
 def activation_l1(sub: list[torch.Tensor], base: list[torch.Tensor]) -> torch.Tensor:
     """Σ |a_s − a_b| over the recorded activation points (step3 penalty, before its weight c)."""
     return sum((s.float() - b.float()).abs().sum() for s, b in zip(sub, base, strict=True))
@@ -256,7 +265,8 @@ class Trainer:
     def evaluate(self) -> float:
         """The task metric on the val split, pooled over all ranks (counts summed, not averaged)."""
         self.model.eval()
-        meter = self.task.new_meter(self.spec.dataset.name)
+        options = {"n_thresholds": self.spec.optim.edge_thresholds} if self.spec.task == "edge" else {}
+        meter = self.task.new_meter(self.spec.dataset.name, **options)
         for batch in self.val_loader:
             with self._autocast():
                 pred = self.forward_model(batch["image"].to(self.device))
@@ -363,7 +373,7 @@ class Trainer:
                     self.history.append({"iteration": it, self.task.metric: metric})
                     if self.on_log:
                         self.on_log({f"val_{self.task.metric}": metric}, it)
-                    better = self.best is None or (metric > self.best if self.task.higher_is_better else metric < self.best)
+                    better = is_better(metric, self.best, self.task.higher_is_better)
                     if better:
                         self.best = metric
                         self.save_model(self.out_dir / BEST_FILE, {"metric": metric})

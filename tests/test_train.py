@@ -185,3 +185,32 @@ def test_subtask_refuses_a_base_with_another_checksum(suite_run, tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="checksum"):
         Trainer(spec, out_dir=tmp_path, base_path=workdir / "store/base/model.safetensors",
                 base_sha256="0" * 64, prev_path=workdir / "store/sal/step1/model.safetensors")
+
+
+def test_infer_writes_panels_and_raw_arrays_for_every_task(suite_run, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from mtshare.infer import infer_images
+
+    cfg, workdir, results = suite_run
+    img = tmp_path / "odd.png"  # any size: larger than img_size and not a multiple of the patch
+    Image.fromarray((np.random.default_rng(0).random((45, 70, 3)) * 255).astype(np.uint8)).save(img)
+    panels = infer_images(workdir, [img], tmp_path / "out")
+    assert panels == [tmp_path / "out" / "odd" / "panel.png"] and panels[0].stat().st_size > 1000
+    for task in ("semseg", "sal", "normals"):
+        arr = np.load(tmp_path / "out" / "odd" / f"{task}.npy")
+        assert arr.shape[:2] == (45, 70), task
+    normals = np.load(tmp_path / "out" / "odd" / "normals.npy")
+    assert np.allclose(np.linalg.norm(normals, axis=-1), 1, atol=1e-4)
+    sal = np.load(tmp_path / "out" / "odd" / "sal.npy")
+    assert sal.min() >= 0 and sal.max() <= 1
+
+
+def test_report_plots_are_written(suite_run, tmp_path):
+    from mtshare.plots import accuracy_vs_flops, layer_sparsity
+
+    cfg, workdir, results = suite_run
+    a = accuracy_vs_flops(results, tmp_path / "acc.png")
+    b = layer_sparsity(workdir / "store", results, tmp_path / "sp.png")
+    assert a.stat().st_size > 5000 and b.stat().st_size > 5000

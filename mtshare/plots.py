@@ -1,0 +1,74 @@
+"""Report plots: accuracy vs FLOPs per task (dense step0 vs shared) and delta sparsity per layer."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from mtshare import checkpoint as ckpt
+from mtshare.report import STEP_ORDER
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def accuracy_vs_flops(results: dict[str, dict], path: str | Path) -> Path:
+    """One subplot per sub-task: its metric against GFLOPs/image for step0 (dense) and each
+    sharing step (FLOPs under sharing, the base's cost not included)."""
+    plt = _plt()
+    tasks = sorted({r["task"] for r in results.values() if r["kind"] != "base"})
+    fig, axes = plt.subplots(1, max(len(tasks), 1), figsize=(3.4 * max(len(tasks), 1), 3.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for kind, marker in (("step0", "s"), *((k, "o") for k in reversed(STEP_ORDER))):
+            r = results.get(f"{task}/{kind}")
+            if r is None:
+                continue
+            ax.scatter(r["flops"] / 1e9, r["metric"], marker=marker, s=40, label=kind)
+            ax.annotate(kind, (r["flops"] / 1e9, r["metric"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        r = next((v for v in results.values() if v["task"] == task), None)
+        ax.set_title(f"{task} ({r['metric_name']}, {'↑' if r['higher_is_better'] else '↓'})", fontsize=9)
+        ax.set_xlabel("GFLOPs / image")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def layer_sparsity(store: str | Path, results: dict[str, dict], path: str | Path) -> Path:
+    """Fraction of zero delta entries per encoder tensor group (patch embed, then qkv / proj /
+    fc1 / fc2 of each block), one line per sub-task's final sharing step."""
+    plt = _plt()
+    store = Path(store)
+    fig, ax = plt.subplots(figsize=(8, 3.4))
+    labels: list[str] = []
+    for task in sorted({r["task"] for r in results.values() if r["kind"] != "base"}):
+        stage = next((f"{task}/{k}" for k in STEP_ORDER if f"{task}/{k}" in results), None)
+        if stage is None:
+            continue
+        tensors, manifest = ckpt.load_tensors(store / stage / "model.safetensors", None)
+        names = [n for n in manifest["delta_shapes"] if n.endswith(".weight") and ("blocks" in n or "patch_embed" in n)
+                 and "norm" not in n]
+        sparsity = []
+        for n in names:
+            numel = int(np.prod(manifest["delta_shapes"][n]))
+            sparsity.append(1.0 - tensors[f"delta.{n}.values"].numel() / numel)
+        ax.plot(range(len(names)), sparsity, marker=".", label=task)
+        labels = [n.replace("blocks.", "b").replace(".weight", "").replace("attn.", "").replace("mlp.", "") for n in names]
+    ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=6)
+    ax.set_ylabel("delta sparsity")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
