@@ -18,6 +18,14 @@ def _plt():
     return plt
 
 
+def _save(fig, path: str | Path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path
+
+
 def accuracy_vs_flops(results: dict[str, dict], path: str | Path) -> Path:
     """One subplot per sub-task: its metric against GFLOPs/image for step0 (dense) and each
     sharing step (FLOPs under sharing, the base's cost not included)."""
@@ -35,11 +43,7 @@ def accuracy_vs_flops(results: dict[str, dict], path: str | Path) -> Path:
         ax.set_title(f"{task} ({r['metric_name']}, {'↑' if r['higher_is_better'] else '↓'})", fontsize=9)
         ax.set_xlabel("GFLOPs / image")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def layer_sparsity(store: str | Path, results: dict[str, dict], path: str | Path) -> Path:
@@ -67,8 +71,4 @@ def layer_sparsity(store: str | Path, results: dict[str, dict], path: str | Path
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
