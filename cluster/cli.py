@@ -1,0 +1,296 @@
+"""What the launcher's ``run``, ``resume``, ``status``, ``submit`` and ``ui`` verbs call.
+
+A suite's work directory holds ``suite.json`` (the resolved config and where its storage and
+MLflow store are), ``mlflow.db`` + ``mlartifacts/`` (embedded MLflow), ``store/`` (the default
+storage, or a mirror of each stage's ``result.json`` when storage is elsewhere, e.g. S3) and
+``driver.lock`` while a driver runs. ``state.json`` lives in the storage.
+
+Bad input raises :class:`mtshare.config.ConfigError` (the launcher exits 2 with its message);
+a suite that ends ``failed`` returns 1.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mtshare.config import ConfigError, SuiteConfig, validate_suite
+
+from cluster.state import STATE_KEY, status_view
+from cluster.storage import Storage, StorageError, open_storage
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SUITE_FILE = "suite.json"
+PACKAGES = ("launcher", "mtshare", "cluster", "configs")  # what a submitted job needs
+
+
+# --- the work directory ---------------------------------------------------------------------
+
+def _prepare_workdir(workdir: Path) -> Path:
+    workdir = Path(workdir)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / f".write-test-{uuid.uuid4().hex[:6]}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--workdir {workdir}: not writable ({e.strerror or e})") from None
+    return workdir
+
+
+def _storage_of(cfg: SuiteConfig, workdir: Path) -> Storage:
+    try:
+        return open_storage(cfg.storage or str(Path(workdir) / "store"), cfg.s3_endpoint)
+    except StorageError as e:
+        raise ConfigError(f"storage: {e}") from None
+
+
+def _tracking_uri(cfg: SuiteConfig, workdir: Path) -> str:
+    from cluster.tracking import default_tracking_uri
+
+    return cfg.tracking_uri or default_tracking_uri(workdir)
+
+
+def _write_suite_file(workdir: Path, cfg: SuiteConfig, storage: Storage, config_path: Any, overrides: list[str]) -> None:
+    """Record the resolved config; a second ``run`` into the same workdir must bring the same one."""
+    from mtshare.checkpoint import atomic_write_bytes
+
+    path = workdir / SUITE_FILE
+    config = cfg.model_dump(mode="json")
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old.get("config") != config:
+            raise ConfigError(f"{path}: this workdir holds suite '{old.get('suite')}' with a different config; "
+                              f"use `launcher resume --workdir {workdir}` or another --workdir")
+    meta = {"suite": cfg.name, "config": config, "config_path": str(config_path) if config_path else None,
+            "overrides": list(overrides or []), "storage": storage.uri, "tracking_uri": _tracking_uri(cfg, workdir),
+            "created": time.time()}
+    atomic_write_bytes(path, json.dumps(meta, indent=1).encode())
+
+
+def load_suite(workdir: Path) -> tuple[SuiteConfig, dict]:
+    """(config, suite.json) of an existing work directory."""
+    path = Path(workdir) / SUITE_FILE
+    if not path.exists():
+        raise ConfigError(f"{workdir}: no suite here ({SUITE_FILE} missing; start one with `launcher run`)")
+    meta = json.loads(path.read_text())
+    return validate_suite(meta["config"], source=str(path), workdir=str(workdir)), meta
+
+
+def read_state(workdir: Path) -> dict:
+    cfg, _ = load_suite(workdir)
+    storage = _storage_of(cfg, workdir)
+    try:
+        return storage.read_json(STATE_KEY)
+    except StorageError:
+        raise ConfigError(f"{storage.uri}/{STATE_KEY}: no state file yet (the suite has not started)") from None
+
+
+def _ds_config(cfg: SuiteConfig) -> dict:
+    from cluster.deepspeed_stepper import load_ds_config
+
+    path = Path(cfg.deepspeed)
+    if not path.is_absolute() and not path.exists():
+        path = REPO_ROOT / path  # configs/deepspeed/... relative to the project
+    return load_ds_config(path)
+
+
+def _tracker(cfg: SuiteConfig, workdir: Path):
+    from cluster.tracking import Tracker
+
+    # An unreachable server should fail the start quickly, not after minutes of retries.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    uri = _tracking_uri(cfg, workdir)
+    artifacts = workdir / "mlartifacts" if cfg.tracking_uri is None else None
+    try:
+        return Tracker(uri, experiment=cfg.name, artifact_root=artifacts)
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"tracking_uri: cannot use MLflow at {uri} ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+# --- run / resume ---------------------------------------------------------------------------
+
+def run_suite(cfg: SuiteConfig, workdir: Path, config_path: Any = None, overrides: list[str] | None = None,
+              address: str | None = None, progress: bool = True) -> int:
+    """``launcher run``: the suite on local Ray (or the cluster at ``address``). 0 done, 1 failed."""
+    workdir = _prepare_workdir(workdir)
+    storage = _storage_of(cfg, workdir)
+    ds_config = _ds_config(cfg)
+    from cluster.scheduler import DriverLock
+
+    with DriverLock(workdir):
+        _write_suite_file(workdir, cfg, storage, config_path, overrides or [])
+        return _drive(cfg, workdir, storage, ds_config, "ray", address, progress)
+
+
+def resume_suite(workdir: Path, address: str | None = None, executor: str = "ray", progress: bool = True) -> int:
+    """``launcher resume``: verify finished stages, run the rest. 0 done, 1 failed."""
+    workdir = Path(workdir)
+    cfg, _ = load_suite(workdir)
+    storage = _storage_of(cfg, workdir)
+    ds_config = _ds_config(cfg)
+    from cluster.scheduler import DriverLock
+
+    with DriverLock(workdir):
+        return _drive(cfg, workdir, storage, ds_config, executor, address, progress)
+
+
+def _drive(cfg: SuiteConfig, workdir: Path, storage: Storage, ds_config: dict, executor_name: str,
+           address: str | None, progress: bool) -> int:
+    from cluster.executors import InProcessExecutor, RayExecutor
+    from cluster.progress import ProgressView
+    from cluster.scheduler import SuiteDriver
+
+    tracker = _tracker(cfg, workdir)
+    view = ProgressView(live=progress)
+    view.note(f"suite {cfg.name}: workdir {workdir}, storage {storage.uri}, MLflow {tracker.uri}")
+    if executor_name == "inprocess":
+        executor = InProcessExecutor(cfg)
+    else:
+        try:
+            executor = RayExecutor(cfg, storage, ds_config, address=address)
+        except ConnectionError as e:
+            raise ConfigError(f"--address {address}: cannot reach the Ray cluster ({e})") from None
+    view.note(f"executor: {executor.describe()}")
+    config_text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    try:
+        driver = SuiteDriver(cfg, workdir, storage, executor, tracker, ds_config=ds_config, config_text=config_text,
+                             on_update=view.update)
+        with view:
+            state = driver.run()
+    finally:
+        executor.close()
+    _print_outcome(state, workdir, tracker.uri)
+    return 0 if state["state"] == "done" else 1
+
+
+def _print_outcome(state: dict, workdir: Path, tracking_uri: str) -> None:
+    from mtshare.report import build_report, format_report, load_results
+
+    results = load_results(Path(workdir) / "store")
+    if results:
+        try:
+            print(format_report(build_report(results)))
+        except Exception as e:  # noqa: BLE001 - the suite's outcome matters more than its table
+            print(f"(report unavailable: {e})")
+    if state["state"] == "done":
+        print(f"suite {state['suite']}: done ({len(state['stages'])} stages)")
+    else:
+        print(f"suite {state['suite']}: FAILED — {state.get('error')}", file=sys.stderr)
+        print(f"fix the cause, then: python -m launcher resume --workdir {workdir}", file=sys.stderr)
+    if tracking_uri.startswith("sqlite:"):
+        print(f"MLflow: python -m launcher ui --workdir {workdir}   (then open http://127.0.0.1:5000)")
+    else:
+        print(f"MLflow: {tracking_uri}")
+
+
+# --- status ---------------------------------------------------------------------------------
+
+def show_status(workdir: Path, fmt: str = "table") -> int:
+    """``launcher status``: the stage table from the state file (during a run and after)."""
+    state = read_state(Path(workdir))
+    if fmt == "json":
+        print(json.dumps(status_view(state)))
+        return 0
+    from cluster.progress import render_state
+
+    from rich.console import Console
+
+    Console().print(render_state(state, live=False))
+    return 0
+
+
+# --- submit ---------------------------------------------------------------------------------
+
+def _auth_env() -> None:
+    """Ray's clients add the token header only in token mode: a token given through the
+    environment (or ~/.ray/auth_token) switches it on when RAY_AUTH_MODE is unset."""
+    if os.environ.get("RAY_AUTH_MODE"):
+        return
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") or (Path.home() / ".ray" / "auth_token").exists():
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def _stage_job_dir(config_path: Path) -> tuple[Path, str]:
+    """A temporary ``working_dir`` for the job: the project's packages + the suite YAML."""
+    stage = Path(tempfile.mkdtemp(prefix="mtshare-job-"))
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for pkg in PACKAGES:
+        shutil.copytree(REPO_ROOT / pkg, stage / pkg, ignore=ignore)
+    rel = f"_submitted/{config_path.name}"
+    (stage / "_submitted").mkdir()
+    shutil.copy2(config_path, stage / rel)
+    return stage, rel
+
+
+def submit_suite(cfg: SuiteConfig, args: Any) -> int:
+    """``launcher submit``: the suite as a Ray Job on a running cluster; prints the job id."""
+    config_path = Path(args.config)
+    workdir = Path(args.workdir or Path("runs") / cfg.name).resolve()  # the cluster writes here (shared path)
+    _auth_env()
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        client = JobSubmissionClient(args.address)
+    except Exception as e:  # noqa: BLE001 - ConnectionError, auth errors...
+        raise ConfigError(f"--address {args.address}: cannot reach the Ray dashboard ({str(e).splitlines()[0][:200]})") from None
+    stage, rel = _stage_job_dir(config_path)
+    cmd = [os.environ.get("MTSHARE_JOB_PYTHON", "python"), "-m", "launcher", "run", rel, "--workdir", str(workdir),
+           "--address", "auto", "--no-progress"]
+    for item in getattr(args, "overrides", None) or []:
+        cmd += ["--set", item]
+    submission_id = f"mtshare-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+    try:
+        job_id = client.submit_job(
+            entrypoint=" ".join(shlex.quote(c) for c in cmd), submission_id=submission_id,
+            runtime_env={"working_dir": str(stage), "env_vars": {"MTSHARE_IN_RAY_JOB": "1"}},
+            metadata={"suite": cfg.name, "workdir": str(workdir)},
+        )
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    print(job_id)
+    print(f"submitted suite {cfg.name} as Ray job {job_id} (workdir {workdir} on the cluster)", file=sys.stderr)
+    print(f"follow: ray job logs --address {args.address} --follow {job_id}\n"
+          f"status: python -m launcher status --workdir {workdir}", file=sys.stderr)
+    return 0
+
+
+# --- ui -------------------------------------------------------------------------------------
+
+def serve_ui(workdir: Path, host: str = "127.0.0.1", port: int = 5000) -> int:
+    """``launcher ui``: the MLflow UI of a suite's embedded store, on 127.0.0.1 by default."""
+    workdir = Path(workdir)
+    uri = None
+    if (workdir / SUITE_FILE).exists():
+        uri = json.loads((workdir / SUITE_FILE).read_text()).get("tracking_uri")
+    if uri and not uri.startswith("sqlite:"):
+        print(f"this suite logs to an MLflow server: open {uri}")
+        return 0
+    db = workdir / "mlflow.db"
+    if not db.exists():
+        raise ConfigError(f"{db}: no MLflow store in this workdir (has the suite run?)")
+    from cluster.tracking import default_tracking_uri
+
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving MLflow on {host}: it has no authentication; see the README before exposing it",
+              file=sys.stderr)
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", default_tracking_uri(workdir),
+           "--artifacts-destination", (workdir / "mlartifacts").resolve().as_uri(),
+           "--host", host, "--port", str(port), "--workers", "1"]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    print(f"MLflow UI for {workdir}: http://{host}:{port}   (Ctrl-C to stop)", flush=True)
+    try:
+        return subprocess.call(cmd, env=env)
+    except KeyboardInterrupt:
+        return 0

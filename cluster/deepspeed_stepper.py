@@ -1,0 +1,168 @@
+"""DeepSpeed behind the training loop's ``Stepper`` interface (``mtshare.train.Stepper``).
+
+``mtshare`` knows nothing of DeepSpeed: the stage runner passes :func:`make_wrap` as the
+Trainer's ``wrap``; the Trainer's AdamW (with its δ / α / dense parameter groups) becomes the
+DeepSpeed client optimizer, and the engine does backward, gradient reduction (ZeRO 0–2),
+clipping and the optimiser step.
+
+Precision: the engine keeps fp32 weights; on GPU the Trainer runs bf16 through
+``torch.autocast`` (``autocast = True``), as it does without DeepSpeed. DeepSpeed's own
+``bf16`` mode would cast the module to bf16 and expect bf16 inputs, and the step3 penalty
+compares against base activations computed outside the engine: one autocast region keeps
+both sides in the same precision. On CPU the suite runs fp32 (DESIGN: no fp16 on CPU).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+def load_ds_config(path: str | Path) -> dict:
+    """Read a DeepSpeed JSON (``configs/deepspeed/zero*.json``); errors name the file."""
+    from mtshare.config import ConfigError
+
+    path = Path(path)
+    try:
+        cfg = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"deepspeed: {path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"deepspeed: {path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"deepspeed: {path}: the top level must be an object")
+    stage = cfg.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2):
+        raise ConfigError(f"deepspeed: {path}: zero_optimization.stage {stage!r} is not supported (0, 1 or 2)")
+    return cfg
+
+
+def stage_ds_config(base: dict, batch_size: int, grad_clip: float | None) -> dict:
+    """The per-stage DeepSpeed config: the suite's JSON plus what the stage decides (micro batch,
+    clipping). fp16/bf16 engine modes stay off (see the module docstring)."""
+    cfg = copy.deepcopy(base)
+    cfg["train_micro_batch_size_per_gpu"] = batch_size
+    cfg["gradient_accumulation_steps"] = 1
+    cfg.pop("train_batch_size", None)  # derived by DeepSpeed: micro batch x accumulation x world
+    cfg["gradient_clipping"] = float(grad_clip) if grad_clip else 0.0
+    cfg.setdefault("steps_per_print", 10**9)
+    for key in ("fp16", "bf16"):
+        if cfg.get(key, {}).get("enabled"):
+            log.warning("deepspeed: ignoring %s.enabled (the trainer autocasts bf16 itself)", key)
+        cfg[key] = {"enabled": False}
+    return cfg
+
+
+def skip_cpu_shm_build() -> None:
+    """DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce op (~30 s) when it
+    creates its comm backend. Training never uses it (only ``inference_all_reduce`` does), so
+    mark it incompatible: DeepSpeed then falls back to torch.distributed (gloo). DeepSpeed caches
+    this dict in the module on purpose so that edits persist."""
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        return
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+@contextlib.contextmanager
+def _broadcast_scalars_ourselves(model: torch.nn.Module):
+    """DeepSpeed 0.19 broadcasts every parameter from rank 0 at init as ``p.data.view(uint8)``,
+    which raises for 0-dim tensors (the per-tensor gate logit ``log_alpha_tensor`` is one).
+    It skips parameters flagged ``ds_optim_param`` (its own sharded LoRA weights; the flag has
+    no other effect without LoRA modules), so during ``deepspeed.initialize`` the scalars wear
+    that flag and are broadcast here with plain torch.distributed instead. Reshaping them to
+    [1] would not do: ZeRO's gradient hooks would remember the wrong shape."""
+    scalars = [p for p in model.parameters() if p.dim() == 0]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        for p in scalars:
+            dist.broadcast(p.data, src=0)
+    for p in scalars:
+        p.ds_optim_param = True
+    try:
+        yield
+    finally:
+        for p in scalars:
+            del p.ds_optim_param
+
+
+class DeepSpeedStepper:
+    """``Stepper`` backed by a DeepSpeed engine. ``module_for_forward`` is the engine."""
+
+    autocast = True
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict):
+        import deepspeed
+
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        skip_cpu_shm_build()
+        with _broadcast_scalars_ourselves(model):
+            self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        self.module_for_forward = self.engine
+        self.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+        # The torch optimiser that holds the Adam moments: ZeRO wraps the client optimiser
+        # (``.optimizer``) and hands it flat fp32 partitions of this rank.
+        self._inner = getattr(self.optimizer, "optimizer", self.optimizer)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        # ZeRO keeps the client groups' keys (lr, base_lr, name), so the Trainer's LR schedule
+        # works unchanged.
+        return self.optimizer.param_groups
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> float:
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else math.nan
+
+    def optimizer_state(self) -> dict:
+        """Every rank's moments (ZeRO partitions them), gathered so rank 0 can save them all.
+        Collective: every rank calls it (the Trainer does)."""
+        local = self._inner.state_dict()
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        per_rank = [local]
+        if world > 1:
+            per_rank = [None] * world
+            dist.all_gather_object(per_rank, local)
+        return {"format": "deepspeed", "zero_stage": self.zero_stage, "world_size": world, "per_rank": per_rank}
+
+    def load_optimizer_state(self, state: dict | None) -> None:
+        # The Trainer has just loaded the model weights: ZeRO's fp32 master partitions are a
+        # separate copy and would overwrite them at the next step unless refreshed.
+        refresh = getattr(self.optimizer, "refresh_fp32_params", None)
+        if refresh is not None:
+            refresh()
+        if not state:
+            return
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if state.get("format") != "deepspeed" or state.get("world_size") != world or state.get("zero_stage") != self.zero_stage:
+            # Partitions are laid out per world size and stage: moments from another layout do not
+            # map onto this one. Weights and the iteration counter are restored all the same.
+            log.warning("resume: optimizer moments saved for another layout (%s); starting them fresh",
+                        {k: state.get(k) for k in ("format", "world_size", "zero_stage")})
+            return
+        self._inner.load_state_dict(state["per_rank"][rank])
+
+
+def make_wrap(ds_config: dict, batch_size: int):
+    """A Trainer ``wrap`` callable: ``wrap(model, optimizer, grad_clip) -> DeepSpeedStepper``."""
+
+    def wrap(model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float | None) -> Any:
+        return DeepSpeedStepper(model, optimizer, stage_ds_config(ds_config, batch_size, grad_clip))
+
+    return wrap

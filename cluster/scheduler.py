@@ -1,0 +1,413 @@
+"""The driver: runs a suite's stage DAG on an executor, keeping ``state.json`` and MLflow current.
+
+    base ──► <task>/step1 ──► <task>/step2 ──► <task>/step3      (every sub-task, concurrently)
+    <task>/step0                                                  (references: need nothing)
+
+Scheduling rule: a stage starts when every stage it depends on is ``done`` — committed in the
+state file with the checksum of its checkpoint, which the driver re-reads from storage before
+committing — and the cluster has room for it. So the moment the base is committed, every
+sub-task pipeline's step1 becomes ready at once; each pipeline then advances on its own. Room
+is judged from the cluster's total resources minus what running stages asked for
+(workers × per-worker CPUs/GPUs/custom resources); Ray's placement does the rest.
+
+Each running stage occupies one driver thread that blocks in the executor's ``run`` (for Ray:
+``TorchTrainer.fit``); the driver's own loop drains progress events, commits finished stages
+and launches ready ones. A failed stage fails alone: its pipeline's later steps stay
+``pending`` (marked blocked) and every other pipeline goes on. The suite ends ``done`` or
+``failed`` with the failed stages and their errors.
+
+Resume (:meth:`SuiteDriver.run` on an existing state) first verifies every ``done`` stage —
+checkpoint present, sha256 equal to the recorded checksum, trained from the inputs that are
+current — and re-runs any that fail the check together with everything downstream; stages
+that were running, failed or pending run again and pick up their mid-stage resume state.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from mtshare.config import ConfigError, SuiteConfig
+from mtshare.stages import MODEL_FILE, StageSpec, downstream, plan
+
+from cluster.stage_runner import RESULT_FILE, make_job
+from cluster.state import StateBook, driver_identity, new_state
+from cluster.storage import LocalStorage, Storage
+
+log = logging.getLogger(__name__)
+
+PROGRESS_SAVE_EVERY_S = 2.0     # progress (iteration counters) is saved at most this often
+CAPACITY_REFRESH_S = 5.0
+
+
+def _prev_name(spec: StageSpec) -> str | None:
+    return spec.prev_key.rsplit("/", 1)[0] if spec.prev_key else None
+
+
+def _priority(spec: StageSpec) -> int:
+    """Launch order among ready stages: the base, then pipeline steps (the critical path),
+    then the step0 references (they only fill idle room)."""
+    return {"base": 0, "step0": 2}.get(spec.kind, 1)
+
+
+class _SafeTracker:
+    """MLflow calls that must not kill a running suite: a failure is logged and skipped."""
+
+    def __init__(self, tracker):
+        self.tracker = tracker
+
+    def __getattr__(self, name: str):
+        def call(*args, **kwargs):
+            if self.tracker is None:
+                return None
+            try:
+                return getattr(self.tracker, name)(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001
+                log.warning("mlflow: %s failed: %s", name, e)
+                return None
+
+        return call
+
+
+class DriverLock:
+    """``<workdir>/driver.lock``: one driver per suite. A lock left by a dead driver (same host,
+    pid gone — e.g. a killed driver before ``resume``) is taken over."""
+
+    def __init__(self, workdir: Path):
+        self.path = Path(workdir) / "driver.lock"
+
+    def __enter__(self) -> "DriverLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = f"{socket.gethostname()} {os.getpid()}"
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if self._holder_alive():
+                    raise ConfigError(f"{self.path}: another driver ({self.path.read_text().strip()}) is running "
+                                      f"this suite; wait for it or stop it first") from None
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(me)
+            return self
+        raise ConfigError(f"{self.path}: could not take the driver lock")
+
+    def _holder_alive(self) -> bool:
+        try:
+            host, pid = self.path.read_text().split()
+        except (OSError, ValueError):
+            return False
+        if host != socket.gethostname():
+            return True  # cannot tell for another host: be safe
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return int(pid) != os.getpid()
+
+    def __exit__(self, *exc) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+class SuiteDriver:
+    """Runs (or resumes) one suite. ``run()`` returns the final state dict."""
+
+    def __init__(self, cfg: SuiteConfig, workdir: Path, storage: Storage, executor: Any, tracker: Any = None, *,
+                 ds_config: dict | None = None, config_text: str = "", on_update: Callable[[dict], None] | None = None,
+                 poll_s: float = 0.3):
+        self.cfg, self.workdir, self.storage, self.executor = cfg, Path(workdir), storage, executor
+        self.tracker = _SafeTracker(tracker)
+        self.ds_config = ds_config
+        self.config_text = config_text
+        self.on_update = on_update or (lambda state: None)
+        self.poll_s = poll_s
+        self.specs = {s.name: s for s in plan(cfg)}
+        self.order = list(self.specs)
+        self.book: StateBook | None = None
+        self.running: dict[str, tuple[cf.Future, dict[str, float]]] = {}
+        self._last_progress_save = 0.0
+        self._capacity: dict[str, float] = {}
+        self._capacity_at = 0.0
+        self._mirror = self._mirror_dir()
+
+    # --- setup ---------------------------------------------------------------------------
+    def _mirror_dir(self) -> Path | None:
+        """Where ``result.json`` files are mirrored for ``launcher report`` (which reads
+        ``<workdir>/store``) when the storage is elsewhere, e.g. in S3."""
+        local = self.workdir / "store"
+        if isinstance(self.storage, LocalStorage) and self.storage.root == local.resolve():
+            return None
+        return local
+
+    def _open_state(self) -> StateBook:
+        book = StateBook.load(self.storage)
+        if book is None:
+            return StateBook(self.storage, new_state(self.cfg.name, list(self.specs.values())))
+        if book.state.get("suite") != self.cfg.name or book.names() != self.order:
+            raise ConfigError(f"{self.storage.uri}/state.json: holds suite '{book.state.get('suite')}' with stages "
+                              f"that do not match this config; use another storage or workdir")
+        return book
+
+    def _check_done(self, spec: StageSpec, st: dict) -> str | None:
+        """Why a ``done`` stage cannot be trusted, or None when it can."""
+        if not self.storage.exists(spec.output_key):
+            return "checkpoint missing"
+        if not self.storage.exists(f"{spec.output_dir_key}/{RESULT_FILE}"):
+            return "result.json missing"
+        if self.storage.sha256(spec.output_key) != st["checksum"]:
+            return f"checksum mismatch of {spec.output_key}"
+        for role, up in (("base", "base" if spec.base_key else None), ("prev", _prev_name(spec))):
+            if up and (st.get("inputs", {}).get(role) or {}).get("sha256") != self.book.stage(up)["checksum"]:
+                return f"trained from an older {up}"
+        return None
+
+    def _verify_finished(self) -> list[str]:
+        """Demote every untrustworthy ``done`` stage (and its downstream) to ``pending``."""
+        rerun: list[str] = []
+        for name in self.order:
+            st = self.book.stage(name)
+            if st["status"] != "done" or name in rerun:
+                continue
+            problem = self._check_done(self.specs[name], st)
+            if problem is None:
+                continue
+            log.warning("%s: %s; re-running it and everything downstream", name, problem)
+            self.book.update(name, save=False, status="pending", error=f"re-run: {problem}", checksum=None)
+            rerun.append(name)
+            for d in downstream(list(self.specs.values()), name):
+                if self.book.stage(d)["status"] == "done":
+                    self.book.update(d, save=False, status="pending", error=f"re-run: upstream {name} re-runs")
+                rerun.append(d)
+        return rerun
+
+    def _start_tracking(self) -> None:
+        state = self.book.state
+        tags = {"mtshare.workdir": str(self.workdir.resolve()), "mtshare.storage": self.storage.uri,
+                "mtshare.executor": self.executor.name}
+        parent = self.tracker.start_suite(self.cfg.name, self.cfg.model_dump(mode="json"), self.config_text, tags,
+                                          state.get("mlflow_run_id"))
+        self.book.update(save=False, mlflow_run_id=parent,
+                         mlflow_experiment_id=getattr(self.tracker.tracker, "experiment_id", None))
+
+    # --- the loop --------------------------------------------------------------------------
+    def run(self) -> dict:
+        from mtshare.suite import ensure_dataset
+
+        self.book = self._open_state()
+        self._verify_finished()
+        for name in self.order:  # interrupted or failed before: run again (resuming mid-stage)
+            st = self.book.stage(name)
+            if st["status"] in ("running", "failed"):
+                self.book.update(name, save=False, status="pending")
+            elif st["status"] == "pending" and (st.get("error") or "").startswith("blocked"):
+                self.book.update(name, save=False, error=None)  # its upstream gets another chance
+        self.book.update(save=False, state="running", error=None, driver=driver_identity(), ended=None,
+                         started=self.book.state.get("started") or time.time())
+        self._start_tracking()
+        self.book.save()
+        todo = [self.specs[n] for n in self.order if self.book.stage(n)["status"] != "done"]
+        self.executor.check_fits(todo)
+        ensure_dataset(self.cfg)
+        try:
+            with cf.ThreadPoolExecutor(max_workers=max(1, len(todo)), thread_name_prefix="stage") as pool:
+                self._loop(pool)
+        except KeyboardInterrupt:
+            self._interrupted()
+            raise
+        return self._finish()
+
+    def _loop(self, pool: cf.ThreadPoolExecutor) -> None:
+        while True:
+            self._apply_events(self.executor.drain_events())
+            for name, (fut, _) in list(self.running.items()):
+                if fut.done():
+                    del self.running[name]
+                    self._apply_events(self.executor.drain_events())  # its last events first
+                    self._on_finished(name, fut)
+            launched = self._launch_ready(pool)
+            self.on_update(self.book.snapshot())
+            if not self.running and not launched:
+                return
+            futures = [f for f, _ in self.running.values()]
+            cf.wait(futures, timeout=self.poll_s, return_when=cf.FIRST_COMPLETED)
+
+    def _ready(self) -> list[StageSpec]:
+        ready = []
+        for name in self.order:
+            st = self.book.stage(name)
+            if st["status"] != "pending" or name in self.running:
+                continue
+            deps = [self.book.stage(d) for d in self.specs[name].depends_on]
+            if all(d["status"] == "done" for d in deps):
+                ready.append(self.specs[name])
+            elif any(d["status"] == "failed" or (d.get("error") or "").startswith("blocked") for d in deps):
+                bad = next(d["name"] for d in deps if d["status"] != "done")
+                if not (st.get("error") or "").startswith("blocked"):
+                    self.book.update(name, error=f"blocked: {bad} did not finish")
+        return sorted(ready, key=_priority)
+
+    def _capacity_now(self) -> dict[str, float]:
+        if time.time() - self._capacity_at > CAPACITY_REFRESH_S:
+            self._capacity, self._capacity_at = self.executor.capacity(), time.time()
+        return self._capacity
+
+    def _fits(self, demand: dict[str, float]) -> bool:
+        if not self.running:
+            return True  # never deadlock on accounting: Ray's own placement has the last word
+        cap = self._capacity_now()
+        used: dict[str, float] = {}
+        for _, d in self.running.values():
+            for k, v in d.items():
+                used[k] = used.get(k, 0.0) + v
+        return all(used.get(k, 0.0) + v <= cap.get(k, 0.0) + 1e-9 for k, v in demand.items())
+
+    def _launch_ready(self, pool: cf.ThreadPoolExecutor) -> bool:
+        launched = False
+        for spec in self._ready():
+            demand = self.executor.demand(spec)
+            if not self._fits(demand):
+                continue
+            self._launch(pool, spec, demand)
+            launched = True
+        return launched
+
+    def _launch(self, pool: cf.ThreadPoolExecutor, spec: StageSpec, demand: dict[str, float]) -> None:
+        st = self.book.stage(spec.name)
+        base_sha = self.book.stage("base")["checksum"] if spec.base_key else None
+        prev = _prev_name(spec)
+        prev_sha = self.book.stage(prev)["checksum"] if prev else None
+        run_id = self.tracker.start_stage(
+            self.book.state["mlflow_run_id"], spec,
+            {"workers": self.cfg.resources.workers, "executor": self.executor.name,
+             "zero_stage": (self.ds_config or {}).get("zero_optimization", {}).get("stage", "-")},
+            st.get("mlflow_run_id"),
+        ) or st.get("mlflow_run_id")
+        self.book.update(spec.name, status="running", started=time.time(), ended=None, error=None, node=None,
+                         host=None, mlflow_run_id=run_id, iteration=0)
+        job = make_job(spec, self.storage, base_sha256=base_sha, prev_sha256=prev_sha, ds_config=self.ds_config,
+                       cpus_per_worker=self.cfg.resources.cpus_per_worker)
+        self.running[spec.name] = (pool.submit(self.executor.run, spec, job), demand)
+
+    # --- events and outcomes ----------------------------------------------------------------
+    def _apply_events(self, events: list[dict]) -> None:
+        dirty = False
+        for ev in events:
+            name = ev.get("stage")
+            if name not in self.specs:
+                continue
+            st = self.book.stage(name)
+            kind = ev["type"]
+            if kind == "start":
+                self.book.update(name, save=False, attempts=st["attempts"] + 1, node=ev["node"], host=ev.get("host"))
+                dirty = True
+            elif kind == "input":
+                inputs = dict(st.get("inputs") or {})
+                inputs[ev["role"]] = {"key": ev["key"], "sha256": ev["sha256"], "verified_on": ev["node"]}
+                self.book.update(name, save=False, inputs=inputs)
+                dirty = True
+            elif kind == "resume":
+                self.book.update(name, save=False, iteration=ev["iteration"], resumed_from=ev["iteration"] or None)
+                dirty = True
+            elif kind == "checkpoint":
+                self.book.update(name, save=False, checkpoint_iteration=ev["iteration"])
+                dirty = True
+            elif kind == "log":
+                self.book.update(name, save=False, iteration=max(int(ev["step"]), st.get("iteration") or 0))
+                if st.get("mlflow_run_id"):
+                    self.tracker.log_metrics(st["mlflow_run_id"], ev["metrics"], ev["step"], ev["time"])
+        if dirty or (events and time.time() - self._last_progress_save > PROGRESS_SAVE_EVERY_S):
+            self.book.save()
+            self._last_progress_save = time.time()
+
+    def _on_finished(self, name: str, fut: cf.Future) -> None:
+        spec = self.specs[name]
+        try:
+            outcome = fut.result()
+        except Exception as e:  # noqa: BLE001 - the executor itself failed
+            from cluster.executors import short_error
+
+            outcome = {"status": "failed", "error": short_error(e)}
+        st = self.book.stage(name)
+        if outcome.get("status") == "done":
+            problem = self._commit_check(spec, outcome)
+            if problem is None:
+                result = self.storage.read_json(f"{spec.output_dir_key}/{RESULT_FILE}")
+                self._mirror_result(spec, result)
+                self.book.update(name, status="done", checksum=outcome["checksum"], ended=time.time(), error=None,
+                                 iteration=result.get("iterations", st.get("iteration")),
+                                 param_digests=outcome.get("param_digests"))
+                self.tracker.finish_stage(st["mlflow_run_id"], result, outcome["checksum"],
+                                          f"{self.storage.uri}/{spec.output_key}", None)
+                return
+            outcome = {"status": "failed", "error": problem}
+        self.book.update(name, status="failed", ended=time.time(), error=outcome.get("error") or "unknown error")
+        self.tracker.finish_stage(st["mlflow_run_id"], None, None, None, outcome.get("error") or "failed")
+
+    def _commit_check(self, spec: StageSpec, outcome: dict) -> str | None:
+        """The checkpoint in storage must be the one the workers wrote (same sha256)."""
+        try:
+            stored = self.storage.sha256(spec.output_key)
+        except Exception as e:  # noqa: BLE001
+            return f"{spec.output_key}: unreadable after the stage ({e})"
+        if stored != outcome.get("checksum"):
+            return f"{spec.output_key}: stored sha256 {stored[:12]}… differs from the one trained"
+        return None
+
+    def _mirror_result(self, spec: StageSpec, result: dict) -> None:
+        if self._mirror is None:
+            return
+        import json
+
+        from mtshare.checkpoint import atomic_write_bytes
+
+        atomic_write_bytes(self._mirror / spec.output_dir_key / RESULT_FILE, json.dumps(result, indent=1).encode())
+
+    def _interrupted(self) -> None:
+        for name in list(self.running):
+            self.book.update(name, save=False, status="failed", ended=time.time(), error="interrupted: driver stopped")
+        self.book.update(state="failed", error="interrupted: driver stopped", ended=time.time())
+
+    def _finish(self) -> dict:
+        failed = [s for s in self.book.state["stages"] if s["status"] == "failed"]
+        blocked = [s for s in self.book.state["stages"] if s["status"] == "pending"]
+        if failed or blocked:
+            parts = [f"{s['name']} ({s['error']})" for s in failed] + [f"{s['name']} (not run: {s['error']})" for s in blocked]
+            self.book.update(save=False, state="failed", error="failed stages: " + "; ".join(parts))
+        else:
+            self.book.update(save=False, state="done", error=None)
+        self.book.update(ended=time.time())
+        self.tracker.finish_suite(self.book.state["mlflow_run_id"], self.book.state["state"], self._summary())
+        self.on_update(self.book.snapshot())
+        return self.book.snapshot()
+
+    def _summary(self) -> dict[str, float]:
+        """Suite figures for the parent run (from the report of finished stages)."""
+        from mtshare.report import build_report
+
+        results = {}
+        for s in self.book.state["stages"]:
+            if s["status"] == "done":
+                try:
+                    results[s["name"]] = self.storage.read_json(f"{s['name']}/{RESULT_FILE}")
+                except Exception:  # noqa: BLE001
+                    pass
+        if not results:
+            return {}
+        try:
+            suite = build_report(results)["suite"]
+        except Exception as e:  # noqa: BLE001 - a report problem must not fail the suite
+            log.warning("report: %s", e)
+            return {}
+        out = {f"suite_{k}": v for k, v in suite.items() if isinstance(v, (int, float))}
+        out["stages_done"] = float(len(results))
+        return out
+
+
+__all__ = ["SuiteDriver", "DriverLock", "MODEL_FILE"]
