@@ -162,7 +162,15 @@ def cmd_infer(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    raise UserError(NOT_BUILT.format(verb="bench"))
+    from mtshare.bench import BenchInputError, format_table, run_bench
+
+    try:
+        result = run_bench(args.model, args.img, args.batch, args.tasks, args.sparsity, args.workdir, args.device,
+                           log=(lambda s: None) if args.format == "json" else (lambda s: print(s, file=sys.stderr)))
+    except BenchInputError as e:
+        raise UserError(str(e)) from None
+    print(json.dumps(result) if args.format == "json" else format_table(result))
+    return 0
 
 
 def cmd_ui(args) -> int:

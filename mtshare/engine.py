@@ -1,0 +1,686 @@
+"""Shared multi-task inference: the base runs once, every sub-task pays only for its deltas.
+
+For each encoder linear of a sub-task ``s`` (DESIGN.md, "The math" → shared inference)::
+
+    y_s = y_b + W_b · T_τ(x_s − x_b) + (M ⊙ δ) · x_s + δ_bias
+
+``x_b`` / ``y_b`` are the base's input / output of the same linear. The engine runs the
+encoder block by block and, inside a block, linear by linear for all tasks in lockstep: the
+base's linear first, then every sub-task's, so only the current linear's base activations are
+alive (memory O(layer), not O(depth)) and the gathered rows of all sub-tasks share ONE GEMM
+with ``W_b`` (small GEMMs on CPU mostly pay for packing the weight). Layer norms,
+GELU, softmax attention, residuals and the heads are computed per sub-task as they are; the
+delta of a norm, bias, the global token or the patch embedding is applied densely (it costs
+O(D) or one cheap product per token).
+
+Real sparse execution, chosen per layer (weights: once, at load; activations: every call,
+from the measured sparsity of that call):
+
+weight part ``(M ⊙ δ) · x_s``
+    ``zero``   δ is all zero: nothing to do;
+    ``csr``    δ stored as CSR; the product runs on ``torch.embedding_bag`` (sum mode with
+               per-sample weights: one weighted row-sum of ``x_sᵀ`` per output channel — FBGEMM
+               on CPU). On the 2-core CPU this was 2–4× faster than ``torch.sparse.mm`` on the
+               same CSR tensor and as fast as a simple hand-written AVX2 kernel we tried
+               (see docs/benchmarks.md);
+    ``dense``  δ too dense to pay: the layer keeps one merged weight ``W_b + M ⊙ δ`` and runs as
+               a single dense GEMM, exactly (its τ is not applied).
+activation part ``W_b · T_τ(x_s − x_b)``
+    ``skip``   no row survives ``T_τ``;
+    ``gather`` rows (tokens) whose thresholded input delta is all zero are skipped: gather the
+               others → dense GEMM with ``W_b`` → scatter-add (``index_add_``) onto ``y_b``;
+    ``csr``    (element threshold mode only) the thresholded delta as CSR times ``W_bᵀ``;
+    ``dense``  sparsity too low to pay: one dense GEMM on the (thresholded) delta.
+
+Whatever the path, the result is the formula above: paths change speed, not outputs.
+
+Threshold modes. ``element`` is DESIGN.md's ``T_τ`` (entries with ``|·| < τ`` become 0).
+``token`` (default) is its structured variant: a token's delta row is dropped when ALL its
+entries are below τ (exactly the rows the element mode would zero completely) and kept whole
+otherwise. The skipped rows — the only thing the ``gather`` path can exploit — are the same,
+so token mode is as fast and, layer by layer, at least as close to the exact result. τ = 0
+is exact in both.
+
+FLOPs (per image, one multiply-add = 2): ``executed`` counts what the chosen paths really ran
+(gathered rows × full width, CSR non-zeros, dense fallbacks); ``theoretical`` uses
+``mtshare.flops``'s formula (element non-zeros of ``T_τ(x_s − x_b)`` × ``d_out`` + tokens ×
+``nnz(M ⊙ δ)``). Attention and heads count as they are in both.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from mtshare import checkpoint as ckpt
+from mtshare.models import DenseTaskModel
+from mtshare.models.heads import DenseHead, UNSHUFFLE
+from mtshare.models.vit import FLAVORS, ViTConfig, ViTEncoder, _sincos_pos_embed, vit_config
+
+__all__ = ["SharedEngine", "SparsePolicy", "CSRMatrix", "TaskStats", "calibrate", "LINEARS"]
+
+LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")  # per block, in execution order
+NORMS = ("norm1", "norm2")
+LN_EPS = 1e-6  # ViTEncoder's LayerNorm eps (reference: 1e-6)
+PATCH = "patch_embed.proj"
+
+
+@dataclass(frozen=True)
+class SparsePolicy:
+    """When a sparse product pays, as fractions of non-zeros. Measured on the 2-core CPU with
+    ``python -m mtshare.bench --crossover`` on ViT-B/16 at 512² (docs/benchmarks.md; cost of
+    the sparse path / cost of the dense GEMM it replaces); re-measure on other hardware.
+
+    ``gather_max``      activation rows: gather → GEMM → scatter-add while at most this fraction
+                        of the tokens survive T_τ (measured 0.14 / 0.62 / 0.80 / 0.93 of the dense
+                        GEMM at 10 / 50 / 75 / 90 % rows);
+    ``csr_act_max``     element mode: CSR activation product while the entry density is at most
+                        this (0.36 / 0.61 / 0.92 at 1 / 5 / 10 %);
+    ``csr_weight_max``  a delta weight stays CSR up to this density, denser ones are merged into
+                        one dense weight (0.16 / 0.27 / 0.44 / 0.49 / 0.63 at 1 / 5 / 10 / 15 /
+                        20 %: a CSR weight at 15 % still pays while under half the rows survive).
+    """
+
+    gather_max: float = 0.8
+    csr_act_max: float = 0.05
+    csr_weight_max: float = 0.15
+
+
+class CSRMatrix:
+    """A 2-D sparse matrix in CSR form whose products run on ``torch.embedding_bag``.
+
+    ``A @ B`` (``A`` [R, K] sparse, ``B`` [K, M] dense) is, for every row ``i`` of ``A``, the sum
+    of the rows ``B[col]`` weighted by ``A[i, col]``: an embedding bag (sum mode) with
+    per-sample weights, which FBGEMM runs well on CPU.
+    """
+
+    # Tokens per embedding_bag call in :meth:`addmm_t`. Measured on the 2-core CPU (ViT-B
+    # shapes, 10 % density): 32–64 keeps the summed rows and the transposed result in cache;
+    # one call over all tokens was ~2x slower (the [R, n] -> [n, R] transpose dominates).
+    TOKEN_CHUNK = 64
+
+    def __init__(self, dense: torch.Tensor):
+        assert dense.dim() == 2
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": only its layout is used here
+            warnings.simplefilter("ignore", UserWarning)
+            csr = dense.to_sparse_csr()
+        self.shape = tuple(dense.shape)
+        self.crow = csr.crow_indices().contiguous()
+        self.col = csr.col_indices().contiguous()
+        self.val = csr.values().contiguous()
+        self.nnz = int(self.val.numel())
+
+    def to_dense(self) -> torch.Tensor:
+        rows = torch.repeat_interleave(torch.arange(self.shape[0], device=self.val.device), self.crow.diff())
+        out = torch.zeros(self.shape, dtype=self.val.dtype, device=self.val.device)
+        out[rows, self.col] = self.val
+        return out
+
+    @property
+    def density(self) -> float:
+        return self.nnz / max(1, self.shape[0] * self.shape[1])
+
+    def matmul(self, b: torch.Tensor) -> torch.Tensor:
+        """``self @ b`` for a dense ``b`` [K, M]; returns [R, M]."""
+        return self._bag(b.contiguous())
+
+    def addmm_t(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``y += x @ selfᵀ`` in place (``x`` [n, K], ``y`` [n, R]): a linear layer with this
+        sparse weight, token chunk by token chunk."""
+        c = self.TOKEN_CHUNK
+        for i in range(0, x.shape[0], c):
+            y[i:i + c].add_(self._bag(x[i:i + c].t().contiguous()).t())
+        return y
+
+    def _bag(self, table: torch.Tensor) -> torch.Tensor:
+        return F.embedding_bag(self.col, table, self.crow, mode="sum", per_sample_weights=self.val.to(table.dtype),
+                               include_last_offset=True)
+
+
+@dataclass
+class _DeltaLinear:
+    """How one sub-task executes one encoder linear (or the patch embedding)."""
+
+    weight_nnz: int
+    weight_numel: int
+    mode: str  # "zero" | "csr" | "dense"
+    csr: CSRMatrix | None = None
+    merged_w: torch.Tensor | None = None  # W_b + M ⊙ δ ("dense" mode)
+    merged_b: torch.Tensor | None = None
+    bias_delta: torch.Tensor | None = None  # None when all zero
+
+
+@dataclass
+class _SubTask:
+    name: str
+    head: DenseHead
+    linears: dict[str, _DeltaLinear]
+    norms: dict[str, tuple[torch.Tensor, torch.Tensor]]  # merged LayerNorm (weight, bias) by path
+    cls_token: torch.Tensor
+    patch: _DeltaLinear
+    weight_nnz: int
+    weight_numel: int
+
+
+@dataclass
+class TaskStats:
+    """What one task cost in the last call (FLOPs per image)."""
+
+    executed_flops: float = 0.0
+    theoretical_flops: float = 0.0
+    act_density: dict[str, float] = field(default_factory=dict)  # entries of T_τ(x_s − x_b) ≠ 0, per linear
+    row_density: dict[str, float] = field(default_factory=dict)  # tokens with a non-zero delta row
+    paths: dict[str, str] = field(default_factory=dict)  # "<activation path>+<weight path>" per linear
+
+    def path_counts(self) -> dict[str, int]:
+        return dict(Counter(self.paths.values()))
+
+    def to_dict(self) -> dict:
+        n = len(self.act_density)
+        return {
+            "executed_flops": self.executed_flops, "theoretical_flops": self.theoretical_flops,
+            "act_density": sum(self.act_density.values()) / n if n else None,
+            "row_density": sum(self.row_density.values()) / n if n else None,
+            "paths": self.path_counts(),
+        }
+
+
+def _infer_config(encoder_sd: Mapping[str, torch.Tensor], manifest: Mapping | None = None) -> ViTConfig:
+    """The encoder's config: from the manifest when it names it, else from the weights' shapes."""
+    model = (manifest or {}).get("model") or {}
+    if model.get("flavor") in FLAVORS:
+        return vit_config(model["flavor"], int(model.get("patch_size", 16)))
+    dim = encoder_sd["cls_token"].shape[-1]
+    depth = len({k.split(".")[1] for k in encoder_sd if k.startswith("blocks.")})
+    patch = encoder_sd[f"{PATCH}.weight"].shape[-1]
+    for name, f in FLAVORS.items():
+        if f["embed_dim"] == dim and f["depth"] == depth:
+            return vit_config(name, patch)
+    raise ckpt.CheckpointError(f"no known ViT flavor with embed_dim {dim} and depth {depth}")
+
+
+def _head_from_state(head: DenseHead | Mapping[str, torch.Tensor], embed_dim: int) -> DenseHead:
+    if isinstance(head, nn.Module):
+        return copy.deepcopy(head)  # the engine moves / casts its heads: never the caller's
+    width, out_ch = head["proj.weight"].shape[0], head["out.weight"].shape[0]
+    module = DenseHead(embed_dim, out_ch, width)
+    module.load_state_dict(head, strict=True)
+    return module
+
+
+class SharedEngine(nn.Module):
+    """Base task + any number of sub-tasks sharing one frozen encoder (see the module docstring).
+
+    Build it from checkpoints (:meth:`from_checkpoints`) or from in-memory weights (the
+    constructor): ``base_encoder`` is the base encoder's state dict, ``subtasks`` maps a task to
+    ``(deltas, head)`` with ``deltas`` the dense effective deltas ``M ⊙ δ`` by encoder
+    parameter name (what ``effective_deltas`` / ``load_subtask`` give; missing names = zero).
+    ``engine(images)`` returns ``{task: raw output at the input size}``.
+    """
+
+    def __init__(self, cfg: ViTConfig, base_task: str, base_encoder: Mapping[str, torch.Tensor],
+                 base_head: DenseHead | Mapping[str, torch.Tensor],
+                 subtasks: Mapping[str, tuple[Mapping[str, torch.Tensor], DenseHead | Mapping[str, torch.Tensor]]],
+                 *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 policy: SparsePolicy | None = None, threshold_mode: str = "token"):
+        super().__init__()
+        if threshold_mode not in ("token", "element"):
+            raise ValueError(f"threshold_mode must be 'token' or 'element', got '{threshold_mode}'")
+        if base_task in subtasks:
+            raise ValueError(f"task '{base_task}' is both the base and a sub-task")
+        self.cfg = cfg
+        self.base_task = base_task
+        self.policy = policy or SparsePolicy()
+        self.threshold_mode = threshold_mode
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.collect_stats = True  # count FLOPs / densities (one extra pass per dense-weight layer)
+        self.last_stats: dict[str, TaskStats] = {}
+        self.thresholds: dict[str, dict[str, float]] = {t: {} for t in subtasks}
+        self._fit_density: dict[str, float] | None = None
+        self._head_flops: dict[tuple, float] = {}
+        self._wt_cache: dict[str, torch.Tensor] = {}
+
+        expected = set(ViTEncoder(cfg).state_dict())
+        ckpt.check_keys("base encoder", set(base_encoder), expected, "encoder")
+        self.base = {k: v.detach().to(self.device, dtype) for k, v in base_encoder.items()}
+        self.heads = nn.ModuleDict({base_task: _head_from_state(base_head, cfg.embed_dim)})
+        self.subtasks: dict[str, _SubTask] = {}
+        for task, (deltas, head) in subtasks.items():
+            unknown = sorted(set(deltas) - expected)
+            if unknown:
+                raise ckpt.CheckpointError(f"sub-task '{task}': deltas for unknown encoder parameters {unknown[:6]}")
+            self.heads[task] = _head_from_state(head, cfg.embed_dim)
+            self.subtasks[task] = self._build_subtask(task, deltas)
+        self.heads.to(self.device, dtype).eval()
+
+    # --- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_checkpoints(cls, base_path: str | Path, subtask_paths: Mapping[str, str | Path], device="cpu",
+                         dtype: torch.dtype = torch.float32, **kwargs) -> "SharedEngine":
+        """Load a base checkpoint and sub-task checkpoints; every sub-task must have been made
+        against this very base file (sha256), else :class:`CheckpointError`."""
+        base_sha = ckpt.sha256_file(base_path)
+        enc_sd, head_sd, manifest = ckpt.load_dense(base_path, expected_sha256=base_sha)
+        if manifest.get("kind") != "base":
+            raise ckpt.CheckpointError(f"{base_path}: not a base checkpoint (kind '{manifest.get('kind')}')")
+        cfg = _infer_config(enc_sd, manifest)
+        subs = {}
+        for task, path in subtask_paths.items():
+            deltas, sub_head, sub_manifest = ckpt.load_subtask(path, base_sha256=base_sha)
+            ckpt.check_keys(path, set(deltas), set(enc_sd), "deltas")
+            subs[task] = (deltas, sub_head)
+        return cls(cfg, manifest.get("task", "semseg"), enc_sd, head_sd, subs, device=device, dtype=dtype, **kwargs)
+
+    def _delta_linear(self, name: str, deltas: Mapping[str, torch.Tensor]) -> _DeltaLinear:
+        w_b, b_b = self.base[f"{name}.weight"], self.base[f"{name}.bias"]
+        dw = deltas.get(f"{name}.weight")
+        db = deltas.get(f"{name}.bias")
+        dw = torch.zeros_like(w_b) if dw is None else dw.to(self.device, self.dtype)
+        db = None if db is None or not bool((db != 0).any()) else db.to(self.device, self.dtype)
+        nnz, numel = int((dw != 0).sum()), dw.numel()
+        lin = _DeltaLinear(weight_nnz=nnz, weight_numel=numel, mode="zero", bias_delta=db)
+        if nnz == 0:
+            return lin
+        if nnz / numel <= self.policy.csr_weight_max:
+            lin.mode, lin.csr = "csr", CSRMatrix(dw.reshape(dw.shape[0], -1))
+        else:
+            lin.mode = "dense"
+            lin.merged_w = w_b + dw
+            lin.merged_b = b_b + db if db is not None else b_b
+        return lin
+
+    def _build_subtask(self, task: str, deltas: Mapping[str, torch.Tensor]) -> _SubTask:
+        def merged(key):
+            d = deltas.get(key)
+            return self.base[key] if d is None else self.base[key] + d.to(self.device, self.dtype)
+
+        linears = {}
+        norms = {}
+        for i in range(self.cfg.depth):
+            for lin in LINEARS:
+                path = f"blocks.{i}.{lin}"
+                linears[path] = self._delta_linear(path, deltas)
+            for nm in NORMS:
+                path = f"blocks.{i}.{nm}"
+                norms[path] = (merged(f"{path}.weight"), merged(f"{path}.bias"))
+        patch = self._delta_linear(PATCH, deltas)
+        nnz = sum(l.weight_nnz for l in linears.values()) + patch.weight_nnz
+        numel = sum(l.weight_numel for l in linears.values()) + patch.weight_numel
+        return _SubTask(task, self.heads[task], linears, norms, merged("cls_token"), patch, nnz, numel)
+
+    @property
+    def tasks(self) -> list[str]:
+        return [self.base_task, *self.subtasks]
+
+    def linear_paths(self) -> list[str]:
+        return [f"blocks.{i}.{lin}" for i in range(self.cfg.depth) for lin in LINEARS]
+
+    def weight_density(self, task: str) -> float:
+        """Fraction of non-zero delta entries over the encoder's linears and patch embedding."""
+        s = self.subtasks[task]
+        return s.weight_nnz / max(1, s.weight_numel)
+
+    def delta_nnz(self, task: str) -> dict[str, int]:
+        """Non-zeros of the delta weights by parameter name (``mtshare.flops.shared_flops``'s input)."""
+        s = self.subtasks[task]
+        out = {f"{path}.weight": lin.weight_nnz for path, lin in s.linears.items()}
+        out[f"{PATCH}.weight"] = s.patch.weight_nnz
+        return out
+
+    def set_thresholds(self, task: str, thresholds: Mapping[str, float]) -> None:
+        """Per-layer τ for a sub-task, by linear path (``blocks.3.mlp.fc1``); missing = 0 = exact."""
+        unknown = sorted(set(thresholds) - set(self.linear_paths()))
+        if unknown:
+            raise ValueError(f"unknown linear paths {unknown[:4]}")
+        self.thresholds[task] = {k: float(v) for k, v in thresholds.items()}
+
+    @torch.no_grad()
+    def dense_model(self, task: str) -> DenseTaskModel:
+        """The task as a plain dense model (encoder weights ``W_b + M ⊙ δ``): the reference the
+        engine must match at τ = 0, and what "independent models" means in the benchmark."""
+        enc = ViTEncoder(self.cfg)
+        sd = dict(self.base)
+        if task != self.base_task:
+            s = self.subtasks[task]
+            for path, lin in s.linears.items():
+                sd.update(self._merged_linear(path, lin))
+            sd.update(self._merged_linear(PATCH, s.patch))
+            for path, (w, b) in s.norms.items():
+                sd[f"{path}.weight"], sd[f"{path}.bias"] = w, b
+            sd["cls_token"] = s.cls_token
+        enc.load_state_dict({k: v.clone() for k, v in sd.items()}, strict=True)
+        head = _head_from_state(dict(self.heads[task].state_dict()), self.cfg.embed_dim)
+        return DenseTaskModel(enc, head, task).to(self.device, self.dtype).eval()
+
+    def _merged_linear(self, name: str, lin: _DeltaLinear) -> dict[str, torch.Tensor]:
+        w, b = self.base[f"{name}.weight"], self.base[f"{name}.bias"]
+        if lin.mode == "dense":
+            return {f"{name}.weight": lin.merged_w, f"{name}.bias": lin.merged_b}
+        if lin.mode == "csr":
+            w = w + lin.csr.to_dense().reshape(w.shape)
+        if lin.bias_delta is not None:
+            b = b + lin.bias_delta
+        return {f"{name}.weight": w, f"{name}.bias": b}
+
+    # --- forward --------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def forward(self, images: torch.Tensor, tasks: list[str] | None = None) -> dict[str, torch.Tensor]:
+        tasks = list(tasks) if tasks is not None else self.tasks
+        unknown = [t for t in tasks if t not in self.heads]
+        if unknown:
+            raise ValueError(f"unknown tasks {unknown} (engine has {self.tasks})")
+        subs = [self.subtasks[t] for t in tasks if t != self.base_task]
+        x = images.to(self.device, self.dtype)
+        b, _, H, W = x.shape
+        p = self.cfg.patch_size
+        if H % p or W % p:
+            raise ValueError(f"input size {(H, W)} is not divisible by the patch size {p}")
+        h, w = H // p, W // p
+        stats = {t: TaskStats() for t in tasks} if self.collect_stats else {}
+        self._stats, self._batch = stats, b
+
+        # Patch embedding: same image for every task, so only the delta weights cost (x_s = x_b).
+        hb = F.conv2d(x, self.base[f"{PATCH}.weight"], self.base[f"{PATCH}.bias"], stride=p)
+        hb = hb.flatten(2).transpose(1, 2)  # [B, L, D]
+        pe_flops = 2.0 * h * w * self.base[f"{PATCH}.weight"].numel()
+        patches = None
+        hs: dict[str, torch.Tensor] = {}
+        for s in subs:
+            lin = s.patch
+            th = 2.0 * h * w * lin.weight_nnz
+            if lin.mode == "dense":
+                y = F.conv2d(x, lin.merged_w, lin.merged_b, stride=p).flatten(2).transpose(1, 2)
+                ex = pe_flops
+            else:
+                y = hb if lin.bias_delta is None else hb + lin.bias_delta
+                if lin.mode == "csr":
+                    if patches is None:  # [B·L, 3·p·p], in the conv weight's (C, kh, kw) order
+                        patches = F.unfold(x, p, stride=p).transpose(1, 2).reshape(b * h * w, -1)
+                    y = y.reshape(b * h * w, -1).clone(memory_format=torch.contiguous_format)
+                    y = lin.csr.addmm_t(y, patches).reshape(b, h * w, -1)
+                ex = th
+            hs[s.name] = y
+            if stats:
+                stats[s.name].executed_flops += ex
+                stats[s.name].theoretical_flops += th
+        for t in stats:
+            if t == self.base_task:
+                stats[t].executed_flops += pe_flops
+                stats[t].theoretical_flops += pe_flops
+
+        pos = _sincos_pos_embed(self.cfg.embed_dim, h, w).to(self.device, self.dtype)
+
+        def tokens(y, cls):
+            return torch.cat([cls.expand(b, -1, -1), y + pos], dim=1)
+
+        hb = tokens(hb, self.base["cls_token"])
+        hs = {s.name: tokens(hs[s.name], s.cls_token) for s in subs}
+
+        for i in range(self.cfg.depth):
+            hb, hs = self._block(i, hb, hs, subs)
+
+        feats = {self.base_task: hb, **hs}
+        out = {}
+        for t in tasks:
+            f = feats[t][:, 1:].transpose(1, 2).reshape(b, self.cfg.embed_dim, h, w)
+            out[t] = self.heads[t](f, out_size=(H, W))
+        if stats:
+            n_tok = h * w + 1
+            attn = 4.0 * n_tok * n_tok * self.cfg.embed_dim * self.cfg.depth  # QKᵀ and AV per image
+            for t in tasks:
+                st = stats[t]
+                if t == self.base_task:  # the base runs densely
+                    st.executed_flops += self._dense_linear_flops(n_tok)
+                    st.theoretical_flops += self._dense_linear_flops(n_tok)
+                fixed = attn + self._head_cost(t, h, w, H, W)
+                st.executed_flops += fixed
+                st.theoretical_flops += fixed
+            self.last_stats = stats
+        return out
+
+    def _dense_linear_flops(self, n_tok: int) -> float:
+        d = self.cfg.embed_dim
+        hidden = int(d * self.cfg.mlp_ratio)
+        per_block = 2.0 * n_tok * (d * 3 * d + d * d + d * hidden + hidden * d)
+        return per_block * self.cfg.depth
+
+    def _head_cost(self, task: str, h: int, w: int, H: int, W: int) -> float:
+        key = (task, h, w, H, W)
+        if key not in self._head_flops:
+            head = self.heads[task]
+            z = torch.zeros(1, self.cfg.embed_dim, h, w, device=self.device, dtype=self.dtype)
+            with FlopCounterMode(display=False) as counter:
+                head(z, out_size=(H, W))
+            self._head_flops[key] = float(counter.get_total_flops())
+        return self._head_flops[key]
+
+    def _block(self, i: int, xb: torch.Tensor, xs: dict[str, torch.Tensor],
+               subs: list[_SubTask]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One timm ``Block`` (pre-norm attention + MLP, no layer scale) for the base and every
+        sub-task in lockstep: each linear runs for the base first, then for all sub-tasks at
+        once, so their gathered rows share one GEMM with ``W_b`` (one weight packing, one call)."""
+        pre = f"blocks.{i}."
+        b, n, d = xb.shape
+        heads = self.cfg.num_heads
+
+        def norm(path, xb, xs):
+            yb = F.layer_norm(xb, (d,), self.base[f"{path}.weight"], self.base[f"{path}.bias"], eps=LN_EPS)
+            return yb, {s.name: F.layer_norm(xs[s.name], (d,), *s.norms[path], eps=LN_EPS) for s in subs}
+
+        def attention(qkv):
+            q, k, v = qkv.reshape(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4).unbind(0)
+            return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
+
+        yb, ys = norm(pre + "norm1", xb, xs)
+        yb, ys = self._linear(pre + "attn.qkv", yb, ys, subs)
+        yb, ys = self._linear(pre + "attn.proj", attention(yb), {t: attention(y) for t, y in ys.items()}, subs)
+        xb, xs = xb + yb, {t: xs[t] + ys[t] for t in xs}
+        yb, ys = norm(pre + "norm2", xb, xs)
+        yb, ys = self._linear(pre + "mlp.fc1", yb, ys, subs)
+        yb, ys = self._linear(pre + "mlp.fc2", F.gelu(yb), {t: F.gelu(y) for t, y in ys.items()}, subs)
+        return xb + yb, {t: xs[t] + ys[t] for t in xs}
+
+    def _linear(self, name: str, x_b: torch.Tensor, xs: dict[str, torch.Tensor],
+                subs: list[_SubTask]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The base's linear, then every sub-task's ``y_b + W_b · T_τ(x_s − x_b) + (M ⊙ δ) · x_s``."""
+        w_b, b_b = self.base[f"{name}.weight"], self.base[f"{name}.bias"]
+        y_b = F.linear(x_b, w_b, b_b)
+        d_out, d_in = w_b.shape
+        n = x_b.numel() // d_in  # tokens in the batch
+        ys: dict[str, torch.Tensor] = {}
+        gathered: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (task, row indices, delta rows)
+        for sub in subs:
+            lin = sub.linears[name]
+            x_s = xs[sub.name]
+            st = self._stats.get(sub.name) if self._stats else None
+            if lin.mode == "dense":  # (c) the delta weight is too dense to pay: one merged GEMM, exact
+                ys[sub.name] = F.linear(x_s, lin.merged_w, lin.merged_b)
+                if st is not None:
+                    diff = (x_s - x_b).reshape(n, d_in)
+                    nnz = int(torch.count_nonzero(diff))
+                    rows = float((diff.abs().amax(dim=1) > 0).float().mean())
+                    self._record(st, name, "merged", nnz / (n * d_in), rows, executed=2.0 * n * d_in * d_out,
+                                 theoretical=2.0 * (nnz * d_out + n * lin.weight_nnz))
+                continue
+
+            delta = (x_s - x_b).reshape(n, d_in)
+            tau = self._threshold(sub.name, name, delta)
+            if tau > 0 and self.threshold_mode == "element":
+                delta = delta.masked_fill(delta.abs() < tau, 0)
+            rowmax = delta.abs().amax(dim=1)  # (abs → amax measured ~5x faster than ne(0).any)
+            rows = rowmax >= tau if (tau > 0 and self.threshold_mode == "token") else rowmax > 0
+            idx = rows.nonzero().squeeze(1)
+            r = idx.numel() / n
+
+            y = y_b.reshape(n, d_out)
+            y = y + lin.bias_delta if lin.bias_delta is not None else y.clone()
+            nnz = None
+            if r == 0:
+                act, ex_act = "skip", 0.0
+            elif r <= self.policy.gather_max:  # (b) skip zero rows: gather now, GEMM below
+                rows_delta = delta.index_select(0, idx)
+                gathered.append((sub.name, idx, rows_delta))
+                act, ex_act = "gather", 2.0 * idx.numel() * d_in * d_out
+                if st is not None:
+                    nnz = int(torch.count_nonzero(rows_delta))
+            else:
+                if tau > 0 and self.threshold_mode == "token" and idx.numel() < n:
+                    delta = delta * rows.unsqueeze(1).to(delta.dtype)
+                if st is not None or self.threshold_mode == "element":
+                    nnz = int(torch.count_nonzero(delta))
+                if self.threshold_mode == "element" and nnz / (n * d_in) <= self.policy.csr_act_max:
+                    # (a) unstructured sparse activations: CSR(delta) @ W_bᵀ
+                    y += CSRMatrix(delta).matmul(self._weight_t(name))
+                    act, ex_act = "csr", 2.0 * nnz * d_out
+                else:  # (c) dense: one GEMM on the thresholded delta
+                    y.addmm_(delta, w_b.t())
+                    act, ex_act = "dense", 2.0 * n * d_in * d_out
+            if lin.mode == "csr":  # (a) sparse delta weight on every token: (M ⊙ δ) · x_s
+                lin.csr.addmm_t(y, x_s.reshape(n, d_in))
+            ys[sub.name] = y
+            if st is not None:
+                nnz = 0 if nnz is None else nnz
+                self._record(st, name, f"{act}+{lin.mode}", nnz / (n * d_in), r,
+                             executed=ex_act + 2.0 * n * lin.weight_nnz,
+                             theoretical=2.0 * (nnz * d_out + n * lin.weight_nnz))
+        if gathered:  # (b) one GEMM with W_b over the surviving rows of every sub-task, scatter-add
+            z = F.linear(torch.cat([rows for _, _, rows in gathered]), w_b)
+            for (task, idx, _), part in zip(gathered, z.split([len(i) for _, i, _ in gathered])):
+                ys[task].index_add_(0, idx, part)
+        return y_b, {t: y.reshape(y_b.shape) for t, y in ys.items()}
+
+    def _record(self, st: TaskStats, name: str, path: str, density: float, row_density: float, executed: float,
+                theoretical: float) -> None:
+        st.paths[name] = path
+        st.act_density[name] = density
+        st.row_density[name] = row_density
+        st.executed_flops += executed / self._batch  # FLOPs are reported per image
+        st.theoretical_flops += theoretical / self._batch
+
+    def _weight_t(self, name: str) -> torch.Tensor:
+        """``W_bᵀ`` contiguous (the table of the CSR activation product), made on first use."""
+        if name not in self._wt_cache:
+            self._wt_cache[name] = self.base[f"{name}.weight"].t().contiguous()
+        return self._wt_cache[name]
+
+    # --- thresholds -----------------------------------------------------------------------------
+
+    def _threshold(self, task: str, name: str, delta: torch.Tensor) -> float:
+        if self._fit_density is not None and task in self._fit_density:
+            self.thresholds[task][name] = _tau_for_density(delta, self._fit_density[task], self.threshold_mode)
+        return self.thresholds[task].get(name, 0.0)
+
+    @torch.inference_mode()
+    def fit_thresholds(self, images: torch.Tensor, density: float | Mapping[str, float]) -> dict[str, torch.Tensor]:
+        """Set every layer's τ so that a fraction ``density`` of the activation delta survives on
+        ``images`` (rows in token mode, entries in element mode), layer after layer in one pass
+        (each τ sees the deltas the earlier thresholds produced). ``density`` may be per task.
+        Returns that pass's outputs, which are exactly the outputs under the new thresholds."""
+        subs = list(self.subtasks)
+        target = density if isinstance(density, Mapping) else {t: density for t in subs}
+        self._fit_density = {t: float(v) for t, v in target.items()}
+        for t in self._fit_density:
+            self.thresholds[t] = {}
+        try:
+            return self(images)
+        finally:
+            self._fit_density = None
+
+
+def _tau_for_density(delta: torch.Tensor, density: float, mode: str) -> float:
+    """The τ that keeps a fraction ``density`` of the rows (token mode) or entries (element mode):
+    the midpoint between the last kept and the first dropped magnitude."""
+    if density >= 1.0:
+        return 0.0
+    mag = delta.abs().amax(dim=1) if mode == "token" else delta.abs().flatten()
+    if mag.numel() > 1 << 21:  # element mode on big layers: a fixed random sample is plenty
+        g = torch.Generator(device="cpu").manual_seed(0)
+        mag = mag[torch.randint(mag.numel(), (1 << 21,), generator=g).to(mag.device)]
+    mag = mag.float().sort(descending=True).values
+    keep = int(round(density * mag.numel()))
+    if keep <= 0:
+        return float(mag[0]) * (1 + 1e-6) + 1e-30  # above the largest: nothing survives
+    if keep >= mag.numel():
+        return 0.0
+    return float(mag[keep - 1] + mag[keep]) / 2
+
+
+# --- calibration --------------------------------------------------------------------------------
+
+MetricFn = Callable[[str, torch.Tensor], float]
+
+
+def _task_metric(task: str, output: torch.Tensor, target: torch.Tensor, dataset: str) -> float:
+    """A task's own validation metric (mtshare.tasks), signed so that higher is better."""
+    from mtshare.tasks import get_task
+
+    spec = get_task(task)
+    meter = spec.new_meter(dataset)
+    meter.update(output.float().cpu(), target.cpu())
+    value = float(meter.compute())
+    return value if spec.higher_is_better else -value
+
+
+def calibrate(engine: SharedEngine, images: torch.Tensor,
+              targets_or_metric_fn: Mapping[str, torch.Tensor] | MetricFn, tolerance: float = 0.005,
+              *, dataset: str = "pascal_context", steps: int = 10) -> dict[str, dict]:
+    """Pick per-layer τ so that each sub-task's metric stays within ``tolerance`` (relative) of
+    its τ = 0 value on ``images``; sets ``engine.thresholds`` and returns a summary per task.
+
+    ``targets_or_metric_fn``: ``{task: target}`` (the task's own meter from ``mtshare.tasks`` on
+    ``dataset``) or ``fn(task, output) -> float`` with higher = better.
+
+    Method: one knob per task, the surviving activation density ρ. For a given ρ every layer's
+    τ is set, in one pass, so that a fraction ρ of its delta (rows in token mode) survives
+    (:meth:`SharedEngine.fit_thresholds`: τ adapts to each layer's scale). ρ = 1 is τ = 0 (exact).
+    A bisection on ρ (all tasks at once: a sub-task's output depends only on its own τ) finds
+    the smallest ρ whose metric is no worse than ``m0 − tolerance·|m0|``; the last feasible
+    thresholds are kept, so the returned metric is a measured, feasible one.
+    """
+    if callable(targets_or_metric_fn):
+        metric = targets_or_metric_fn
+    else:
+        targets = targets_or_metric_fn
+        metric = lambda task, out: _task_metric(task, out, targets[task], dataset)  # noqa: E731
+    subs = list(engine.subtasks)
+    for t in subs:
+        engine.thresholds[t] = {}
+    ref_out = engine(images)
+    m0 = {t: metric(t, ref_out[t]) for t in subs}
+    lo = {t: 0.0 for t in subs}
+    hi = {t: 1.0 for t in subs}
+    best = {t: ({}, m0[t]) for t in subs}
+
+    def feasible(t, m):
+        return math.isfinite(m) and m >= m0[t] - tolerance * abs(m0[t])
+
+    active = [t for t in subs if math.isfinite(m0[t])]
+    for _ in range(steps):
+        if not active:
+            break
+        mid = {t: (lo[t] + hi[t]) / 2 for t in active}
+        out = engine.fit_thresholds(images, mid)
+        for t in active:
+            m = metric(t, out[t])
+            if feasible(t, m):
+                hi[t] = mid[t]
+                best[t] = (dict(engine.thresholds[t]), m)
+            else:
+                lo[t] = mid[t]
+    summary = {}
+    for t in subs:
+        engine.thresholds[t] = best[t][0]
+        summary[t] = {"density": hi[t], "metric_ref": m0[t], "metric": best[t][1], "thresholds": best[t][0]}
+    return summary
