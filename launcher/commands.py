@@ -68,17 +68,10 @@ def cmd_run(args) -> int:
     raw_workdir = args.workdir
     cfg = load_suite_config(args.config, args.overrides, workdir=raw_workdir)
     workdir = Path(raw_workdir or Path("runs") / cfg.name)
-    if args.executor == "inprocess":
-        from mtshare.report import build_report, format_report, load_results
-        from mtshare.suite import run_suite_inprocess
-
-        run_suite_inprocess(cfg, workdir)
-        print(format_report(build_report(load_results(Path(cfg.storage or workdir / "store")))))
-        return 0
     from cluster.cli import run_suite
 
     return run_suite(cfg, workdir, config_path=args.config, overrides=args.overrides, address=args.address,
-                     progress=not args.no_progress)
+                     progress=not args.no_progress, executor=args.executor)
 
 
 def cmd_resume(args) -> int:
