@@ -122,8 +122,9 @@ def _tracker(cfg: SuiteConfig, workdir: Path):
 # --- run / resume ---------------------------------------------------------------------------
 
 def run_suite(cfg: SuiteConfig, workdir: Path, config_path: Any = None, overrides: list[str] | None = None,
-              address: str | None = None, progress: bool = True) -> int:
-    """``launcher run``: the suite on local Ray (or the cluster at ``address``). 0 done, 1 failed."""
+              address: str | None = None, progress: bool = True, executor: str = "ray") -> int:
+    """``launcher run``: the suite on local Ray (or the cluster at ``address``). 0 done, 1 failed.
+    ``executor="inprocess"`` runs the same driver with every stage in this process (no Ray)."""
     workdir = _prepare_workdir(workdir)
     storage = _storage_of(cfg, workdir)
     ds_config = _ds_config(cfg)
@@ -131,7 +132,7 @@ def run_suite(cfg: SuiteConfig, workdir: Path, config_path: Any = None, override
 
     with DriverLock(workdir):
         _write_suite_file(workdir, cfg, storage, config_path, overrides or [])
-        return _drive(cfg, workdir, storage, ds_config, "ray", address, progress)
+        return _drive(cfg, workdir, storage, ds_config, executor, address, progress)
 
 
 def resume_suite(workdir: Path, address: str | None = None, executor: str = "ray", progress: bool = True) -> int:

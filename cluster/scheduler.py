@@ -34,7 +34,7 @@ from typing import Any, Callable
 from mtshare.config import ConfigError, SuiteConfig
 from mtshare.stages import MODEL_FILE, StageSpec, downstream, plan
 
-from cluster.stage_runner import RESULT_FILE, make_job
+from cluster.stage_runner import RESULT_FILE, claim_stage, make_job
 from cluster.state import StateBook, driver_identity, new_state
 from cluster.storage import LocalStorage, Storage
 
@@ -293,6 +293,7 @@ class SuiteDriver:
                          host=None, mlflow_run_id=run_id, iteration=0)
         job = make_job(spec, self.storage, base_sha256=base_sha, prev_sha256=prev_sha, ds_config=self.ds_config,
                        cpus_per_worker=self.cfg.resources.cpus_per_worker)
+        claim_stage(self.storage, spec, job["launch_id"])
         self.running[spec.name] = (pool.submit(self.executor.run, spec, job), demand)
 
     # --- events and outcomes ----------------------------------------------------------------
@@ -305,7 +306,8 @@ class SuiteDriver:
             st = self.book.stage(name)
             kind = ev["type"]
             if kind == "start":
-                self.book.update(name, save=False, attempts=st["attempts"] + 1, node=ev["node"], host=ev.get("host"))
+                self.book.update(name, save=False, attempts=st["attempts"] + 1, node=ev["node"], host=ev.get("host"),
+                                 worker_started=ev["time"])
                 dirty = True
             elif kind == "input":
                 inputs = dict(st.get("inputs") or {})
@@ -342,7 +344,8 @@ class SuiteDriver:
                 self._mirror_result(spec, result)
                 self.book.update(name, status="done", checksum=outcome["checksum"], ended=time.time(), error=None,
                                  iteration=result.get("iterations", st.get("iteration")),
-                                 param_digests=outcome.get("param_digests"))
+                                 param_digests=outcome.get("param_digests"), stepper=outcome.get("stepper"),
+                                 world_size=outcome.get("world_size"))
                 self.tracker.finish_stage(st["mlflow_run_id"], result, outcome["checksum"],
                                           f"{self.storage.uri}/{spec.output_key}", None)
                 return

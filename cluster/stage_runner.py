@@ -40,6 +40,7 @@ from cluster.storage import Storage, open_storage
 
 RESUME_META = "resume.json"
 FAILURE_MARKER = "failed.json"
+LAUNCH_FILE = "launch.json"
 RESULT_FILE = "result.json"
 CACHE_ENV = "MTSHARE_CACHE_DIR"
 
@@ -130,43 +131,75 @@ class ClusterTrainer(Trainer):
             self._on_resume_saved(self)
 
 
+def _resume_blob_key(spec: StageSpec, iteration: int) -> str:
+    return f"{spec.output_dir_key}/resume-{iteration:09d}.pt"
+
+
+def _is_resume_blob(key: str) -> bool:
+    name = key.rsplit("/", 1)[-1]
+    return name.startswith("resume-") and name.endswith(".pt")
+
+
+def check_owner(storage: Storage, spec: StageSpec, job: dict) -> None:
+    """Fencing: the driver records the launch that owns a stage (``launch.json``) before starting
+    it. An attempt of an older launch — a worker orphaned by a killed driver — must not write
+    over the newer attempt's files, so every upload checks ownership first."""
+    key = f"{spec.output_dir_key}/{LAUNCH_FILE}"
+    if storage.exists(key) and storage.read_json(key).get("launch_id") != job["launch_id"]:
+        raise StageFailure(f"{spec.name}: superseded by a newer launch of this stage; this attempt stops")
+
+
 def _upload_resume(storage: Storage, spec: StageSpec, job: dict, out_dir: Path, fmt: str, iteration: int) -> None:
-    """``resume.pt`` first, then ``resume.json`` naming its sha256 and the inputs it was trained
-    from. A reader trusts ``resume.pt`` only through a matching ``resume.json``."""
+    """A new ``resume-<iteration>.pt`` first, then ``resume.json`` pointing at it (with its
+    sha256 and the inputs it was trained from), then the older blobs go. A crash at any point
+    leaves ``resume.json`` naming an intact blob: the pointer swap is the commit."""
+    check_owner(storage, spec, job)
     local = out_dir / RESUME_FILE
-    sha = sha256_file(local)
-    storage.put(local, f"{spec.output_dir_key}/{RESUME_FILE}")
+    key = _resume_blob_key(spec, iteration)
+    storage.put(local, key)
     storage.write_json(f"{spec.output_dir_key}/{RESUME_META}",
-                       {"iteration": iteration, "sha256": sha, "inputs": _inputs_of(job), "format": fmt,
-                        "time": time.time()})
+                       {"key": key, "iteration": iteration, "sha256": sha256_file(local), "inputs": _inputs_of(job),
+                        "format": fmt, "time": time.time()})
+    for old in storage.list(spec.output_dir_key):
+        if _is_resume_blob(old) and old != key:
+            storage.delete(old)
 
 
 def fetch_resume(storage: Storage, spec: StageSpec, job: dict, out_dir: Path, fmt: str) -> int | None:
     """Place the stage's stored resume state in ``out_dir`` when it is valid for this run: same
     inputs, same optimiser-state format, intact bytes. Returns its iteration, or None."""
-    meta_key, blob_key = f"{spec.output_dir_key}/{RESUME_META}", f"{spec.output_dir_key}/{RESUME_FILE}"
+    meta_key = f"{spec.output_dir_key}/{RESUME_META}"
     (out_dir / RESUME_FILE).unlink(missing_ok=True)
-    if not storage.exists(meta_key) or not storage.exists(blob_key):
+    if not storage.exists(meta_key):
         return None
     meta = storage.read_json(meta_key)
     if meta.get("inputs") != _inputs_of(job) or meta.get("format") != fmt:
         return None  # made from other inputs (an upstream stage was re-run) or another stepper
     try:
-        storage.get(blob_key, out_dir / RESUME_FILE, expected_sha256=meta["sha256"])
-    except Exception:  # noqa: BLE001 - a damaged resume file only costs the progress it held
+        storage.get(meta["key"], out_dir / RESUME_FILE, expected_sha256=meta["sha256"])
+    except Exception:  # noqa: BLE001 - a missing or damaged blob only costs the progress it held
         return None
     return int(meta["iteration"])
 
 
-def _upload_outputs(storage: Storage, spec: StageSpec, out_dir: Path) -> None:
-    """Weights first, ``result.json`` last; then the resume state is obsolete."""
+def _upload_outputs(storage: Storage, spec: StageSpec, job: dict, out_dir: Path) -> None:
+    """Weights first, ``result.json`` last; then the resume state is obsolete (pointer first)."""
+    check_owner(storage, spec, job)
     prefix = spec.output_dir_key
     storage.put(out_dir / MODEL_FILE, f"{prefix}/{MODEL_FILE}")
     if (out_dir / BEST_FILE).exists():
         storage.put(out_dir / BEST_FILE, f"{prefix}/{BEST_FILE}")
     storage.put(out_dir / RESULT_FILE, f"{prefix}/{RESULT_FILE}")
     storage.delete(f"{prefix}/{RESUME_META}")
-    storage.delete(f"{prefix}/{RESUME_FILE}")
+    storage.delete(f"{prefix}/{FAILURE_MARKER}")
+    for key in storage.list(prefix):
+        if _is_resume_blob(key):
+            storage.delete(key)
+
+
+def claim_stage(storage: Storage, spec: StageSpec, launch_id: str) -> None:
+    """The driver, before launching: this launch now owns the stage's files (see check_owner)."""
+    storage.write_json(f"{spec.output_dir_key}/{LAUNCH_FILE}", {"launch_id": launch_id, "time": time.time()})
 
 
 # --- one stage on one rank ------------------------------------------------------------------
@@ -216,7 +249,7 @@ def run_stage_worker(job: dict, *, rank: int = 0, world_size: int = 1, device: t
             _upload_resume(storage, spec, job, out_dir, fmt, trainer.iteration)
         # Ray Train gets a small pointer to the stored resume state (its run history lists the
         # checkpoints); the state itself lives once, in the suite's storage.
-        pointer = {"storage": storage.uri, "key": f"{spec.output_dir_key}/{RESUME_FILE}", "iteration": trainer.iteration}
+        pointer = {"storage": storage.uri, "key": _resume_blob_key(spec, trainer.iteration), "iteration": trainer.iteration}
         _report(report, rank, {"iteration": trainer.iteration}, "resume_pointer.json", pointer)
         emit("checkpoint", iteration=trainer.iteration)
 
@@ -229,6 +262,9 @@ def run_stage_worker(job: dict, *, rank: int = 0, world_size: int = 1, device: t
             device=device, wrap=wrap, on_log=on_log, on_resume_saved=on_resume_saved,
         )
         emit("resume", iteration=resumed or 0, iters=spec.optim.iters)
+        outcome["stepper"] = {"class": type(trainer.stepper).__name__,
+                              "optimizer": type(getattr(trainer.stepper, "optimizer", None)).__name__,
+                              "zero_stage": getattr(trainer.stepper, "zero_stage", None)}
         result = trainer.train()
     except StageFailure as e:
         outcome.update(status="failed", error=str(e))
@@ -238,7 +274,7 @@ def run_stage_worker(job: dict, *, rank: int = 0, world_size: int = 1, device: t
         raise  # Ray Train stops the group; the restarted attempt reads the marker above
 
     if rank == 0:
-        _upload_outputs(storage, spec, out_dir)
+        _upload_outputs(storage, spec, job, out_dir)
     shutil.rmtree(work, ignore_errors=True)  # everything of value is in storage now
     digests = [_param_digest(trainer.model)]
     if world_size > 1:  # every rank's weights, so a test (and the MLflow run) can compare them

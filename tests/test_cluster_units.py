@@ -1,0 +1,170 @@
+"""cluster/ without Ray: storage (local and S3 via moto), the state file, DeepSpeed config,
+resources, error lines, and the driver's failure / verification logic with the in-process
+executor (real training, a few iterations)."""
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+
+from cluster.cli import read_state, resume_suite, run_suite
+from cluster.deepspeed_stepper import load_ds_config, stage_ds_config
+from cluster.executors import short_error, worker_resources
+from cluster.state import SCHEMA_KEYS, StateBook, new_state, status_view
+from cluster.storage import LocalStorage, StorageError, open_storage
+from mtshare import checkpoint as ckpt
+from mtshare.config import ConfigError, validate_suite
+from mtshare.stages import plan
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# --- storage ------------------------------------------------------------------------------
+
+def _exercise(storage) -> None:
+    storage.write_bytes("a/b/x.bin", b"hello")
+    storage.write_json("a/state.json", {"k": 1})
+    assert storage.exists("a/b/x.bin") and not storage.exists("a/b/missing")
+    assert storage.list("a") == ["a/b/x.bin", "a/state.json"]
+    assert storage.read_bytes("a/b/x.bin") == b"hello" and storage.read_json("a/state.json") == {"k": 1}
+    import hashlib
+
+    sha = hashlib.sha256(b"hello").hexdigest()
+    assert storage.sha256("a/b/x.bin") == sha
+
+
+def test_local_storage_roundtrip_and_atomicity(tmp_path):
+    storage = LocalStorage(tmp_path / "store")
+    _exercise(storage)
+    out = tmp_path / "local" / "x.bin"
+    with pytest.raises(StorageError, match="checksum mismatch"):
+        storage.get("a/b/x.bin", out, expected_sha256="0" * 64)
+    assert not out.exists() and not list(out.parent.iterdir())  # no partial or temp file left
+    storage.put(storage.get("a/b/x.bin", out), "c/y.bin")
+    assert storage.read_bytes("c/y.bin") == b"hello"
+    assert not [p for p in (tmp_path / "store").rglob("*") if ".tmp-" in p.name]
+    with pytest.raises(StorageError, match="escapes"):
+        storage.write_bytes("../evil", b"")
+    assert open_storage(storage.describe()).root == storage.root
+
+
+@pytest.fixture
+def moto_endpoint(monkeypatch):
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(k, "testing")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+def test_s3_storage_roundtrip(moto_endpoint, tmp_path):
+    import boto3
+
+    boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1").create_bucket(Bucket="unit-bucket")
+    storage = open_storage("s3://unit-bucket/some/prefix", endpoint=moto_endpoint)
+    _exercise(storage)
+    got = storage.get("a/b/x.bin", tmp_path / "x.bin", expected_sha256=storage.sha256("a/b/x.bin"))
+    assert got.read_bytes() == b"hello"
+    assert open_storage(storage.describe()).list("a") == storage.list("a")
+    storage.delete("a/b/x.bin")
+    assert storage.list("a") == ["a/state.json"]
+
+
+# --- state, config helpers ---------------------------------------------------------------------
+
+def test_state_file_schema_and_atomic_updates(tiny_suite, tmp_path):
+    cfg = validate_suite(tiny_suite(tasks=["sal", "edge"], steps=["step1", "step2"]), workdir=str(tmp_path))
+    storage = LocalStorage(tmp_path / "store")
+    book = StateBook(storage, new_state(cfg.name, plan(cfg)))
+    book.update("sal/step1", status="running", attempts=1, node="n1", started=1.0)
+    loaded = StateBook.load(storage)
+    assert loaded.stage("sal/step1")["status"] == "running" and loaded.stage("sal/step1")["node"] == "n1"
+    view = status_view(loaded.state)
+    assert set(view) == {"suite", "state", "stages"}
+    assert [s["name"] for s in view["stages"]] == ["base", "sal/step1", "sal/step2", "edge/step1", "edge/step2"]
+    assert all(tuple(s) == SCHEMA_KEYS for s in view["stages"])
+    assert view["stages"][0]["step"] == "base" and view["stages"][0]["task"] == "semseg"
+    with pytest.raises(ValueError):
+        book.update("base", status="exploded")
+
+
+def test_deepspeed_config_files(tmp_path):
+    for stage in (0, 1, 2):
+        cfg = load_ds_config(REPO / f"configs/deepspeed/zero{stage}.json")
+        assert cfg["zero_optimization"]["stage"] == stage
+    run = stage_ds_config(load_ds_config(REPO / "configs/deepspeed/zero2.json"), batch_size=8, grad_clip=1.0)
+    assert run["train_micro_batch_size_per_gpu"] == 8 and run["gradient_clipping"] == 1.0
+    assert run["bf16"] == {"enabled": False} and "train_batch_size" not in run
+    bad = tmp_path / "zero3.json"
+    bad.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    with pytest.raises(ConfigError, match="zero3.json"):
+        load_ds_config(bad)
+
+
+def test_worker_resources_pin_tasks(tiny_suite, tmp_path):
+    raw = tiny_suite(tasks=["sal", "edge"], resources={"workers": 2, "cpus_per_worker": 1, "gpus_per_worker": 0.5,
+                                                       "custom": {"fast_disk": 1},
+                                                       "task_resources": {"sal": {"node_a": 0.01}}})
+    cfg = validate_suite(raw, workdir=str(tmp_path))
+    assert worker_resources(cfg, "sal") == {"CPU": 1.0, "GPU": 0.5, "fast_disk": 1.0, "node_a": 0.01}
+    assert worker_resources(cfg, "edge") == {"CPU": 1.0, "GPU": 0.5, "fast_disk": 1.0}
+
+
+def test_short_error_takes_the_innermost_error_line():
+    text = ("Training failed due to worker errors:\n[Rank 0 Error Snippet]:\nTraceback (most recent call last):\n"
+            '  File "x.py", line 1, in f\nmtshare.train.StageFailure: task sal, step1: loss is nan at iteration 2\n')
+    assert short_error(RuntimeError(text)) == "StageFailure: task sal, step1: loss is nan at iteration 2"
+    assert short_error(ValueError("plain")) == "ValueError: plain"
+
+
+# --- the driver, in-process executor --------------------------------------------------------
+
+def test_failing_pipeline_does_not_stop_others_then_resume_and_verify(tiny_suite, tmp_path, capsys):
+    """A NaN in one sub-task fails its stage (blocking only its own pipeline); resume after the
+    fix runs what is left; a corrupted finished checkpoint is re-run with its downstream."""
+    workdir = tmp_path / "run"
+    raw = tiny_suite("fails", tasks=["sal", "edge"], steps=["step1", "step2"], iters=2,
+                     task_overrides={"edge": {"step1": {"fail_at_iter": 1}}})
+    cfg = validate_suite(raw, workdir=str(workdir))
+    assert run_suite(cfg, workdir, progress=False, executor="inprocess") == 1
+    state = read_state(workdir)
+    stages = {s["name"]: s for s in state["stages"]}
+    assert state["state"] == "failed" and "edge/step1" in state["error"]
+    assert stages["edge/step1"]["status"] == "failed"
+    assert "edge" in stages["edge/step1"]["error"] and "iteration 1" in stages["edge/step1"]["error"]
+    assert stages["edge/step2"]["status"] == "pending" and stages["edge/step2"]["error"].startswith("blocked")
+    assert all(stages[n]["status"] == "done" for n in ("base", "sal/step1", "sal/step2"))
+    assert "fix the cause" in capsys.readouterr().err
+
+    # The fix: drop the fault knob from the saved config (what editing the YAML + resume does).
+    suite_json = workdir / "suite.json"
+    meta = json.loads(suite_json.read_text())
+    meta["config"]["task_overrides"] = {}
+    suite_json.write_text(json.dumps(meta))
+    done_before = {n: (s["checksum"], s["mlflow_run_id"], s["ended"]) for n, s in stages.items() if s["status"] == "done"}
+    assert resume_suite(workdir, executor="inprocess", progress=False) == 0
+    after = {s["name"]: s for s in read_state(workdir)["stages"]}
+    assert all(s["status"] == "done" for s in after.values())
+    assert {n: (after[n]["checksum"], after[n]["mlflow_run_id"], after[n]["ended"]) for n in done_before} == done_before
+    assert after["edge/step1"]["mlflow_run_id"] == stages["edge/step1"]["mlflow_run_id"]  # same run, resumed
+
+    # Bit-flip a finished checkpoint: resume re-runs that stage and its downstream only.
+    victim = workdir / "store" / "sal/step1/model.safetensors"
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    assert resume_suite(workdir, executor="inprocess", progress=False) == 0
+    final = {s["name"]: s for s in read_state(workdir)["stages"]}
+    assert ckpt.sha256_file(victim) == final["sal/step1"]["checksum"]
+    for name in ("sal/step1", "sal/step2"):
+        assert final[name]["ended"] > after[name]["ended"]
+    for name in ("base", "edge/step1", "edge/step2"):
+        assert final[name]["ended"] == after[name]["ended"]
