@@ -9,6 +9,7 @@ import base64
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -126,7 +127,8 @@ def test_mlflow_ui_shows_the_suite_and_its_stage_runs(finished_suite, tmp_path):
 
     port = free_port()
     ui = subprocess.Popen([sys.executable, "-m", "launcher", "ui", "--workdir", str(finished_suite), "--port", str(port)],
-                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          start_new_session=True)  # its own process group: the MLflow server child dies with it
     browser = None
     try:
         wait_http(f"http://127.0.0.1:{port}/health", 90)
@@ -153,5 +155,5 @@ def test_mlflow_ui_shows_the_suite_and_its_stage_runs(finished_suite, tmp_path):
     finally:
         if browser:
             browser.close()
-        ui.terminate()
+        os.killpg(ui.pid, signal.SIGTERM)
         ui.wait(timeout=30)
