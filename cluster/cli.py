@@ -10,13 +10,16 @@ a suite that ends ``failed`` returns 1.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -32,6 +35,7 @@ from cluster.storage import Storage, StorageError, open_storage
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SUITE_FILE = "suite.json"
 PACKAGES = ("launcher", "mtshare", "cluster", "configs")  # what a submitted job needs
+DATA_CHECK_IDS = 50  # ids per split whose label files `run` decodes before starting
 
 
 # --- the work directory ---------------------------------------------------------------------
@@ -153,6 +157,7 @@ def _drive(cfg: SuiteConfig, workdir: Path, storage: Storage, ds_config: dict, e
     from cluster.progress import ProgressView
     from cluster.scheduler import SuiteDriver
 
+    _check_dataset(cfg)
     tracker = _tracker(cfg, workdir)
     view = ProgressView(live=progress)
     view.note(f"suite {cfg.name}: workdir {workdir}, storage {storage.uri}, MLflow {tracker.uri}")
@@ -168,12 +173,42 @@ def _drive(cfg: SuiteConfig, workdir: Path, storage: Storage, ds_config: dict, e
     try:
         driver = SuiteDriver(cfg, workdir, storage, executor, tracker, ds_config=ds_config, config_text=config_text,
                              on_update=view.update)
-        with view:
+        with view, _sigterm_as_interrupt():
             state = driver.run()
     finally:
         executor.close()
     _print_outcome(state, workdir, tracker.uri)
     return 0 if state["state"] == "done" else 1
+
+
+def _check_dataset(cfg: SuiteConfig) -> None:
+    """Bad data is bad input (exit 2), found before any cluster starts: synthesise the demo data
+    if asked, then check the layout (splits, files, label ranges on a sample of ids)."""
+    from mtshare.data import check_dataset
+    from mtshare.suite import ensure_dataset
+
+    ensure_dataset(cfg)
+    if not Path(cfg.dataset.root).is_dir():
+        raise ConfigError(f"dataset.root: {cfg.dataset.root}: directory not found")
+    check_dataset(cfg.dataset.name, cfg.dataset.root, max_decode=DATA_CHECK_IDS)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """``ray job stop`` and schedulers send SIGTERM: treat it like Ctrl-C so the driver records the
+    interruption in the state file before leaving (SIGKILL cannot be caught: `resume` copes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _print_outcome(state: dict, workdir: Path, tracking_uri: str) -> None:
@@ -253,8 +288,8 @@ def submit_suite(cfg: SuiteConfig, args: Any) -> int:
         cmd += ["--set", item]
     submission_id = f"mtshare-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
     try:
-        job_id = client.submit_job(
-            entrypoint=" ".join(shlex.quote(c) for c in cmd), submission_id=submission_id,
+        job_id = _submit_with_retry(
+            client, entrypoint=" ".join(shlex.quote(c) for c in cmd), submission_id=submission_id,
             runtime_env={"working_dir": str(stage), "env_vars": {"MTSHARE_IN_RAY_JOB": "1"}},
             metadata={"suite": cfg.name, "workdir": str(workdir)},
         )
@@ -265,6 +300,19 @@ def submit_suite(cfg: SuiteConfig, args: Any) -> int:
     print(f"follow: ray job logs --address {args.address} --follow {job_id}\n"
           f"status: python -m launcher status --workdir {workdir}", file=sys.stderr)
     return 0
+
+
+def _submit_with_retry(client, timeout_s: float = 90.0, **kwargs) -> str:
+    """A cluster that has just started answers HTTP before its job agent is up ("No available
+    agent to submit job"): wait for it rather than fail."""
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            return client.submit_job(**kwargs)
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.time() > deadline:
+                raise
+            time.sleep(2)
 
 
 # --- ui -------------------------------------------------------------------------------------

@@ -42,16 +42,25 @@ log = logging.getLogger(__name__)
 
 PROGRESS_SAVE_EVERY_S = 2.0     # progress (iteration counters) is saved at most this often
 CAPACITY_REFRESH_S = 5.0
+HEARTBEAT_S = 30.0
+FIT_OVERHEAD_ITERS = 50  # scheduling weight of one stage's start-up, in iterations
 
 
 def _prev_name(spec: StageSpec) -> str | None:
     return spec.prev_key.rsplit("/", 1)[0] if spec.prev_key else None
 
 
-def _priority(spec: StageSpec) -> int:
-    """Launch order among ready stages: the base, then pipeline steps (the critical path),
-    then the step0 references (they only fill idle room)."""
-    return {"base": 0, "step0": 2}.get(spec.kind, 1)
+def remaining_work(specs: dict[str, StageSpec]) -> dict[str, float]:
+    """Per stage: its own cost plus the costliest chain of stages that wait for it, with a stage
+    costing its iterations plus ``FIT_OVERHEAD_ITERS`` (starting a Ray Train run is not free).
+    Launching the ready stage with the most remaining work first (highest-level-first list
+    scheduling) starts the base before everything, then the pipelines' early steps, and lets
+    the step0 references fill in before they become the tail of the suite."""
+    work: dict[str, float] = {}
+    for name in reversed(list(specs)):  # plan order is topological: dependents come later
+        after = [work[n] for n, s in specs.items() if name in s.depends_on]
+        work[name] = specs[name].optim.iters + FIT_OVERHEAD_ITERS + max(after, default=0.0)
+    return work
 
 
 class _SafeTracker:
@@ -130,6 +139,7 @@ class SuiteDriver:
         self.poll_s = poll_s
         self.specs = {s.name: s for s in plan(cfg)}
         self.order = list(self.specs)
+        self.work = remaining_work(self.specs)
         self.book: StateBook | None = None
         self.running: dict[str, tuple[cf.Future, dict[str, float]]] = {}
         self._last_progress_save = 0.0
@@ -215,12 +225,17 @@ class SuiteDriver:
         todo = [self.specs[n] for n in self.order if self.book.stage(n)["status"] != "done"]
         self.executor.check_fits(todo)
         ensure_dataset(self.cfg)
+        pool = cf.ThreadPoolExecutor(max_workers=max(1, len(todo)), thread_name_prefix="stage")
         try:
-            with cf.ThreadPoolExecutor(max_workers=max(1, len(todo)), thread_name_prefix="stage") as pool:
-                self._loop(pool)
-        except KeyboardInterrupt:
+            self._loop(pool)
+        except BaseException:
+            # Ctrl-C / SIGTERM: record it and leave at once. The stage threads stay blocked in
+            # fit() until Ray shuts down (the executor's close()); waiting for them would mean
+            # waiting for every running stage to finish.
             self._interrupted()
+            pool.shutdown(wait=False, cancel_futures=True)
             raise
+        pool.shutdown(wait=True)
         return self._finish()
 
     def _loop(self, pool: cf.ThreadPoolExecutor) -> None:
@@ -232,6 +247,9 @@ class SuiteDriver:
                     self._apply_events(self.executor.drain_events())  # its last events first
                     self._on_finished(name, fut)
             launched = self._launch_ready(pool)
+            if time.time() - self._last_progress_save > HEARTBEAT_S:
+                self.book.save()  # the heartbeat `status` uses to tell a live driver from a dead one
+                self._last_progress_save = time.time()
             self.on_update(self.book.snapshot())
             if not self.running and not launched:
                 return
@@ -251,7 +269,7 @@ class SuiteDriver:
                 bad = next(d["name"] for d in deps if d["status"] != "done")
                 if not (st.get("error") or "").startswith("blocked"):
                     self.book.update(name, error=f"blocked: {bad} did not finish")
-        return sorted(ready, key=_priority)
+        return sorted(ready, key=lambda spec: -self.work[spec.name])
 
     def _capacity_now(self) -> dict[str, float]:
         if time.time() - self._capacity_at > CAPACITY_REFRESH_S:

@@ -36,7 +36,7 @@ from mtshare.checkpoint import sha256_file
 from mtshare.stages import MODEL_FILE, StageSpec
 from mtshare.train import BEST_FILE, RESUME_FILE, StageFailure, Trainer
 
-from cluster.storage import Storage, open_storage
+from cluster.storage import Storage, StorageError, open_storage
 
 RESUME_META = "resume.json"
 FAILURE_MARKER = "failed.json"
@@ -94,13 +94,18 @@ def fetch_verified(storage: Storage, key: str, sha256: str | None, cache: Path) 
     """A local copy of ``key`` whose sha256 equals ``sha256``, cached per node by content hash.
 
     The bytes are verified before the copy gets its final name, and a cached copy is
-    re-verified before reuse: nothing downstream ever loads a file whose checksum is wrong."""
+    re-verified before reuse: nothing downstream ever loads a file whose checksum is wrong.
+    A mismatch is a :class:`StageFailure` (retrying cannot fix it; ``resume`` re-runs the
+    producer once its own verification fails)."""
     if sha256 is None:
         raise StageFailure(f"{key}: no checksum recorded for this input; refusing to load it unverified")
     path = cache / "inputs" / f"{sha256}.safetensors"
     if path.exists() and sha256_file(path) == sha256:
         return path
-    return storage.get(key, path, expected_sha256=sha256)
+    try:
+        return storage.get(key, path, expected_sha256=sha256)
+    except StorageError as e:
+        raise StageFailure(str(e)) from None
 
 
 def _inputs_of(job: dict) -> dict:
@@ -232,17 +237,7 @@ def run_stage_worker(job: dict, *, rank: int = 0, world_size: int = 1, device: t
     work = Path(work_dir or cache_root() / "work" / job["launch_id"] / f"rank{rank}")
     out_dir = work / spec.output_dir_key
     out_dir.mkdir(parents=True, exist_ok=True)
-    cache = cache_root()
     emit("start", node=node, host=host, world_size=world_size, pid=os.getpid())
-
-    base_path = prev_path = None
-    if spec.base_key:
-        base_path = fetch_verified(storage, spec.base_key, job["base_sha256"], cache)
-        emit("input", role="base", key=spec.base_key, sha256=job["base_sha256"], node=node, verified=True)
-    if spec.prev_key:
-        prev_path = fetch_verified(storage, spec.prev_key, job["prev_sha256"], cache)
-        emit("input", role="prev", key=spec.prev_key, sha256=job["prev_sha256"], node=node, verified=True)
-    resumed = fetch_resume(storage, spec, job, out_dir, fmt)
 
     def on_resume_saved(trainer: ClusterTrainer) -> None:
         if rank == 0:
@@ -257,6 +252,8 @@ def run_stage_worker(job: dict, *, rank: int = 0, world_size: int = 1, device: t
         emit("log", step=step, metrics={k: float(v) for k, v in metrics.items()})
 
     try:
+        base_path, prev_path = _fetch_inputs(storage, spec, job, emit, node)
+        resumed = fetch_resume(storage, spec, job, out_dir, fmt)
         trainer = ClusterTrainer(
             spec, out_dir, base_path=base_path, base_sha256=job["base_sha256"], prev_path=prev_path,
             device=device, wrap=wrap, on_log=on_log, on_resume_saved=on_resume_saved,
@@ -266,16 +263,17 @@ def run_stage_worker(job: dict, *, rank: int = 0, world_size: int = 1, device: t
                               "optimizer": type(getattr(trainer.stepper, "optimizer", None)).__name__,
                               "zero_stage": getattr(trainer.stepper, "zero_stage", None)}
         result = trainer.train()
+        if rank == 0:
+            _upload_outputs(storage, spec, job, out_dir)
     except StageFailure as e:
         outcome.update(status="failed", error=str(e))
         if world_size == 1:  # nothing else to coordinate with: stop without a retry
             return _finish(report, rank, outcome)
         storage.write_json(marker, {"launch_id": job["launch_id"], "error": str(e)})
         raise  # Ray Train stops the group; the restarted attempt reads the marker above
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the stage's files of value are in storage
 
-    if rank == 0:
-        _upload_outputs(storage, spec, job, out_dir)
-    shutil.rmtree(work, ignore_errors=True)  # everything of value is in storage now
     digests = [_param_digest(trainer.model)]
     if world_size > 1:  # every rank's weights, so a test (and the MLflow run) can compare them
         digests = [None] * world_size
@@ -283,6 +281,19 @@ def run_stage_worker(job: dict, *, rank: int = 0, world_size: int = 1, device: t
     outcome.update(status="done", checksum=result["checksum"], error=None, param_digests=digests,
                    iteration=result["iterations"], resumed_from=result.get("resumed_from"))
     return _finish(report, rank, outcome)
+
+
+def _fetch_inputs(storage: Storage, spec: StageSpec, job: dict, emit: _Emitter, node: str) -> tuple[Path | None, Path | None]:
+    """The frozen base and the previous step's output, verified, from the node-local cache."""
+    cache = cache_root()
+    base_path = prev_path = None
+    if spec.base_key:
+        base_path = fetch_verified(storage, spec.base_key, job["base_sha256"], cache)
+        emit("input", role="base", key=spec.base_key, sha256=job["base_sha256"], node=node, verified=True)
+    if spec.prev_key:
+        prev_path = fetch_verified(storage, spec.prev_key, job["prev_sha256"], cache)
+        emit("input", role="prev", key=spec.prev_key, sha256=job["prev_sha256"], node=node, verified=True)
+    return base_path, prev_path
 
 
 def _report(report: Callable, rank: int, metrics: dict, name: str, payload: dict) -> None:

@@ -1,19 +1,51 @@
-"""A simulated 3-node cluster (``ray.cluster_utils.Cluster``): after the base, two sub-task
-pipelines pinned by custom resources run concurrently on different nodes, and their workers
-load the base from storage with the verified checksum."""
+"""A simulated 3-node cluster (``ray.cluster_utils.Cluster``) whose shared storage is an
+S3-compatible server (moto, on 127.0.0.1), as on a real cluster without a shared filesystem.
+
+* After the base, two sub-task pipelines pinned by custom resources run concurrently on
+  different nodes, and their workers load the base from storage with the verified checksum.
+* The suite stores its checkpoints in the bucket and reloads them from there (the sub-task
+  workers, a direct load, and ``resume``'s verification)."""
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
 
-from cluster.cli import read_state, run_suite
+from cluster.cli import read_state, resume_suite, run_suite
+from cluster.storage import open_storage
+from mtshare import checkpoint as ckpt
 from mtshare.config import validate_suite
 
 from conftest import CLUSTER_ENV
 
 REPO = Path(__file__).resolve().parent.parent
+BUCKET, PREFIX = "mtshare", "suites/multinode"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """A moto S3 server on 127.0.0.1 with one bucket (moto accepts any credentials)."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="testing",
+                 aws_secret_access_key="testing").create_bucket(Bucket=BUCKET)
+    try:
+        yield url
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +53,8 @@ def three_nodes():
     import ray
     from ray.cluster_utils import Cluster
 
-    env = {**CLUSTER_ENV, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+    env = {**CLUSTER_ENV, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
+           "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the nodes' raylets (and so their workers) inherit it
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
@@ -41,13 +74,21 @@ def three_nodes():
                 os.environ[k] = v
 
 
-def test_pipelines_run_concurrently_on_pinned_nodes(three_nodes, tiny_suite, tmp_path):
-    raw = tiny_suite("multinode", tasks=["sal", "edge"], steps=["step1"], iters=6)
+@pytest.fixture(scope="module")
+def suite_run(three_nodes, s3_endpoint, tiny_suite, tmp_path_factory):
+    raw = tiny_suite("multinode", tasks=["sal", "edge"], steps=["step1"], iters=6,
+                     storage=f"s3://{BUCKET}/{PREFIX}", s3_endpoint=s3_endpoint)
     raw["resources"] = {"workers": 1, "cpus_per_worker": 1,
                         "task_resources": {"sal": {"pin_a": 0.01}, "edge": {"pin_b": 0.01}}}
-    workdir = tmp_path / "run"
-    assert run_suite(validate_suite(raw, workdir=str(workdir)), workdir, progress=False) == 0
+    workdir = tmp_path_factory.mktemp("multinode") / "run"
+    cfg = validate_suite(raw, workdir=str(workdir))
+    rc = run_suite(cfg, workdir, progress=False)
+    return rc, cfg, workdir
 
+
+def test_pipelines_run_concurrently_on_pinned_nodes(suite_run, three_nodes):
+    rc, _, workdir = suite_run
+    assert rc == 0
     stages = {s["name"]: s for s in read_state(workdir)["stages"]}
     sal, edge, base = stages["sal/step1"], stages["edge/step1"], stages["base"]
     assert sal["node"] == three_nodes["a"] and edge["node"] == three_nodes["b"]
@@ -60,3 +101,32 @@ def test_pipelines_run_concurrently_on_pinned_nodes(three_nodes, tiny_suite, tmp
         assert verified["key"] == "base/model.safetensors"
         assert verified["sha256"] == base["checksum"]
         assert verified["verified_on"] == st["node"]  # fetched and checked on the worker's own node
+
+
+def test_s3_storage_stores_and_reloads_checkpoints(suite_run, s3_endpoint, tmp_path):
+    import boto3
+
+    rc, cfg, workdir = suite_run
+    assert rc == 0
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                      aws_secret_access_key="testing")
+    keys = {o["Key"][len(PREFIX) + 1:] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=PREFIX + "/")["Contents"]}
+    for stage in ("base", "sal/step1", "edge/step1"):
+        assert {f"{stage}/model.safetensors", f"{stage}/result.json"} <= keys
+    assert "state.json" in keys and not [k for k in keys if "resume" in k]
+    # Checkpoints live in the bucket; the work directory only mirrors result.json for `report`.
+    assert sorted(p.name for p in (workdir / "store").rglob("*") if p.is_file()) == ["result.json"] * 3
+
+    state = read_state(workdir)
+    base, *subtasks = state["stages"]
+    storage = open_storage(cfg.storage, cfg.s3_endpoint)
+    for st in subtasks:
+        got = storage.get(f"{st['name']}/model.safetensors", tmp_path / f"{st['task']}.safetensors",
+                          expected_sha256=st["checksum"])
+        ckpt.load_subtask(got, base_sha256=base["checksum"])  # made from exactly this base
+
+    # Resume re-reads every checkpoint from the bucket to verify it, and re-runs nothing.
+    assert resume_suite(workdir, progress=False) == 0
+    again = read_state(workdir)
+    assert [(s["attempts"], s["checksum"], s["ended"]) for s in again["stages"]] == \
+           [(s["attempts"], s["checksum"], s["ended"]) for s in state["stages"]]

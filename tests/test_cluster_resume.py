@@ -1,5 +1,5 @@
-"""Kill the driver after the base and one sub-task step (with the next step mid-way), then
-``resume``: finished stages are not re-run (checksums and MLflow runs unchanged), the
+"""Kill the driver after the base and one sub-task step (with another pipeline's step mid-way),
+then ``resume``: finished stages are not re-run (checksums and MLflow runs unchanged), the
 interrupted stage continues from its last mid-stage checkpoint, the rest completes."""
 from __future__ import annotations
 
@@ -31,8 +31,9 @@ def _wait_for(workdir: Path, proc: subprocess.Popen, ready, timeout: float = 300
 
 
 def test_kill_driver_then_resume(ray_local, tiny_suite, tmp_path):
-    raw = tiny_suite("resume", tasks=["sal"], steps=["step1", "step2"], iters=4)
-    raw["train"]["step2"].update(iters=60, eval_every=60, ckpt_every=2)  # long enough to be caught mid-way
+    raw = tiny_suite("resume", tasks=["sal", "edge"], steps=["step1"], iters=4,
+                     # long enough to be caught mid-way, with a resume checkpoint every 2 iterations
+                     task_overrides={"edge": {"step1": {"iters": 60, "eval_every": 60}}})
     config = tmp_path / "resume.yaml"
     config.write_text(yaml.safe_dump(raw))
     workdir = tmp_path / "run"
@@ -45,13 +46,13 @@ def test_kill_driver_then_resume(ray_local, tiny_suite, tmp_path):
          "--no-progress"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
     try:
         _wait_for(workdir, proc, lambda s: s["base"]["status"] == s["sal/step1"]["status"] == "done"
-                  and (s["sal/step2"].get("checkpoint_iteration") or 0) >= 2)
+                  and (s["edge/step1"].get("checkpoint_iteration") or 0) >= 2)
     finally:
         proc.kill()
         proc.wait()
         log.close()
     before = {s["name"]: s for s in read_state(workdir)["stages"]}
-    assert before["sal/step2"]["status"] == "running"  # as the killed driver left it
+    assert before["edge/step1"]["status"] == "running"  # as the killed driver left it
 
     assert resume_suite(workdir, progress=False) == 0
     state = read_state(workdir)
@@ -60,17 +61,17 @@ def test_kill_driver_then_resume(ray_local, tiny_suite, tmp_path):
     for name in ("base", "sal/step1"):  # not re-run
         for key in ("checksum", "mlflow_run_id", "attempts", "started", "ended"):
             assert after[name][key] == before[name][key], (name, key)
-    step2 = after["sal/step2"]
-    assert step2["mlflow_run_id"] == before["sal/step2"]["mlflow_run_id"]  # one MLflow run across attempts
-    assert step2["attempts"] == before["sal/step2"]["attempts"] + 1
-    result = json.loads((workdir / "store" / "sal/step2/result.json").read_text())
-    assert (result["resumed_from"] or 0) >= 2 and result["iterations"] == 60, (result, step2)  # continued, not restarted
+    edge = after["edge/step1"]
+    assert edge["mlflow_run_id"] == before["edge/step1"]["mlflow_run_id"]  # one MLflow run across attempts
+    assert edge["attempts"] == before["edge/step1"]["attempts"] + 1
+    result = json.loads((workdir / "store" / "edge/step1/result.json").read_text())
+    assert (result["resumed_from"] or 0) >= 2 and result["iterations"] == 60, result  # continued, not restarted
 
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     runs = client.search_runs([state["mlflow_experiment_id"]])
-    assert sorted(r.info.run_name for r in runs) == ["base", "resume", "sal/step1", "sal/step2"]
+    assert sorted(r.info.run_name for r in runs) == ["base", "edge/step1", "resume", "sal/step1"]
     assert all(r.info.status == "FINISHED" for r in runs)
-    resumed = client.get_metric_history(step2["mlflow_run_id"], "resumed_from")
+    resumed = client.get_metric_history(edge["mlflow_run_id"], "resumed_from")
     assert resumed and resumed[0].value == result["resumed_from"]
