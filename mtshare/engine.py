@@ -103,7 +103,7 @@ class CSRMatrix:
     per-sample weights, which FBGEMM runs well on CPU.
     """
 
-    # Tokens per embedding_bag call in :meth:`addmm_t`. Measured on the 2-core CPU (ViT-B
+    # Tokens per embedding_bag call in :meth:`linear`. Measured on the 2-core CPU (ViT-B
     # shapes, 10 % density): 32–64 keeps the summed rows and the transposed result in cache;
     # one call over all tokens was ~2x slower (the [R, n] -> [n, R] transpose dominates).
     TOKEN_CHUNK = 64
@@ -133,13 +133,19 @@ class CSRMatrix:
         """``self @ b`` for a dense ``b`` [K, M]; returns [R, M]."""
         return self._bag(b.contiguous())
 
-    def addmm_t(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``y += x @ selfᵀ`` in place (``x`` [n, K], ``y`` [n, R]): a linear layer with this
-        sparse weight, token chunk by token chunk."""
-        c = self.TOKEN_CHUNK
-        for i in range(0, x.shape[0], c):
-            y[i:i + c].add_(self._bag(x[i:i + c].t().contiguous()).t())
-        return y
+    def linear(self, x: torch.Tensor, add: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ selfᵀ (+ add) (+ bias)`` — a linear layer with this sparse weight (``x`` [n, K],
+        ``add`` [n, R]) — token chunk by token chunk."""
+        n, c = x.shape[0], self.TOKEN_CHUNK
+        if add is None:
+            out = torch.zeros(n, self.shape[0], dtype=x.dtype, device=x.device)
+        else:  # (measured: one copy then in-place adds beats writing each chunk with out=)
+            out = add + bias if bias is not None else add.clone()
+            bias = None
+        for i in range(0, n, c):
+            out[i:i + c].add_(self._bag(x[i:i + c].t().contiguous()).t())
+        return out if bias is None else out.add_(bias)
 
     def _bag(self, table: torch.Tensor) -> torch.Tensor:
         return F.embedding_bag(self.col, table, self.crow, mode="sum", per_sample_weights=self.val.to(table.dtype),
@@ -408,8 +414,7 @@ class SharedEngine(nn.Module):
                 if lin.mode == "csr":
                     if patches is None:  # [B·L, 3·p·p], in the conv weight's (C, kh, kw) order
                         patches = F.unfold(x, p, stride=p).transpose(1, 2).reshape(b * h * w, -1)
-                    y = y.reshape(b * h * w, -1).clone(memory_format=torch.contiguous_format)
-                    y = lin.csr.addmm_t(y, patches).reshape(b, h * w, -1)
+                    y = lin.csr.linear(patches, add=y.reshape(b * h * w, -1)).reshape(b, h * w, -1)
                 ex = th
             hs[s.name] = y
             if stats:
@@ -519,13 +524,20 @@ class SharedEngine(nn.Module):
             tau = self._threshold(sub.name, name, delta)
             if tau > 0 and self.threshold_mode == "element":
                 delta = delta.masked_fill(delta.abs() < tau, 0)
-            rowmax = delta.abs().amax(dim=1)  # (abs → amax measured ~5x faster than ne(0).any)
+            # max |row| as max(max, −min): two reads, no |delta| temporary (measured up to 6x
+            # faster than abs().amax() on wide layers, and ~5x faster than ne(0).any())
+            rowmax = torch.maximum(delta.amax(dim=1), delta.amin(dim=1).neg_())
             rows = rowmax >= tau if (tau > 0 and self.threshold_mode == "token") else rowmax > 0
             idx = rows.nonzero().squeeze(1)
             r = idx.numel() / n
 
             y = y_b.reshape(n, d_out)
-            y = y + lin.bias_delta if lin.bias_delta is not None else y.clone()
+            if lin.mode == "csr":  # (a) sparse delta weight on every token, written with y_b (+ δ_bias)
+                y = lin.csr.linear(x_s.reshape(n, d_in), add=y, bias=lin.bias_delta)
+            elif lin.bias_delta is not None:
+                y = y + lin.bias_delta
+            elif r > 0:  # (otherwise nothing to add: y_s is y_b itself, no copy)
+                y = y.clone()
             nnz = None
             if r == 0:
                 act, ex_act = "skip", 0.0
@@ -547,8 +559,6 @@ class SharedEngine(nn.Module):
                 else:  # (c) dense: one GEMM on the thresholded delta
                     y.addmm_(delta, w_b.t())
                     act, ex_act = "dense", 2.0 * n * d_in * d_out
-            if lin.mode == "csr":  # (a) sparse delta weight on every token: (M ⊙ δ) · x_s
-                lin.csr.addmm_t(y, x_s.reshape(n, d_in))
             ys[sub.name] = y
             if st is not None:
                 nnz = 0 if nnz is None else nnz
