@@ -28,9 +28,10 @@ from typing import Any
 import yaml
 
 from mtshare.config import ConfigError, SuiteConfig, validate_suite
+from mtshare.stages import plan
 
 from cluster.state import STATE_KEY, status_view
-from cluster.storage import Storage, StorageError, open_storage
+from cluster.storage import LocalStorage, Storage, StorageError, open_storage
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SUITE_FILE = "suite.json"
@@ -52,9 +53,27 @@ def _prepare_workdir(workdir: Path) -> Path:
     return workdir
 
 
-def _storage_of(cfg: SuiteConfig, workdir: Path) -> Storage:
+def suite_storage(cfg: SuiteConfig, workdir: Path) -> Storage:
+    """The suite's storage area: ``<workdir>/store`` by default; under an explicit storage root
+    (shared by several suites, e.g. one bucket) the suite's own ``<root>/<suite name>``."""
+    uri = str(Path(workdir) / "store") if not cfg.storage else f"{cfg.storage.rstrip('/')}/{cfg.name}"
     try:
-        return open_storage(cfg.storage or str(Path(workdir) / "store"), cfg.s3_endpoint)
+        return open_storage(uri, cfg.s3_endpoint)
+    except StorageError as e:
+        raise ConfigError(f"storage: {e}") from None
+
+
+def _check_storage(storage: Storage) -> None:
+    """Reachable and writable, checked without writing anything."""
+    if isinstance(storage, LocalStorage):
+        probe = storage.root
+        while not probe.exists():
+            probe = probe.parent
+        if not os.access(probe, os.W_OK):
+            raise ConfigError(f"storage: {storage.uri}: not writable ({probe} is read-only for this user)")
+        return
+    try:
+        storage.check()
     except StorageError as e:
         raise ConfigError(f"storage: {e}") from None
 
@@ -65,21 +84,22 @@ def _tracking_uri(cfg: SuiteConfig, workdir: Path) -> str:
     return cfg.tracking_uri or default_tracking_uri(workdir)
 
 
+def _check_suite_file(workdir: Path, cfg: SuiteConfig) -> None:
+    """A second ``run`` into the same workdir must bring the same resolved config."""
+    path = workdir / SUITE_FILE
+    if path.exists() and json.loads(path.read_text()).get("config") != cfg.model_dump(mode="json"):
+        raise ConfigError(f"{path}: this workdir holds suite '{json.loads(path.read_text()).get('suite')}' with a "
+                          f"different config; use `launcher resume --workdir {workdir}` or another --workdir")
+
+
 def _write_suite_file(workdir: Path, cfg: SuiteConfig, storage: Storage, config_path: Any, overrides: list[str]) -> None:
-    """Record the resolved config; a second ``run`` into the same workdir must bring the same one."""
+    """Record the resolved config and where the suite's storage and MLflow store are."""
     from mtshare.checkpoint import atomic_write_bytes
 
-    path = workdir / SUITE_FILE
-    config = cfg.model_dump(mode="json")
-    if path.exists():
-        old = json.loads(path.read_text())
-        if old.get("config") != config:
-            raise ConfigError(f"{path}: this workdir holds suite '{old.get('suite')}' with a different config; "
-                              f"use `launcher resume --workdir {workdir}` or another --workdir")
-    meta = {"suite": cfg.name, "config": config, "config_path": str(config_path) if config_path else None,
-            "overrides": list(overrides or []), "storage": storage.uri, "tracking_uri": _tracking_uri(cfg, workdir),
-            "created": time.time()}
-    atomic_write_bytes(path, json.dumps(meta, indent=1).encode())
+    meta = {"suite": cfg.name, "config": cfg.model_dump(mode="json"),
+            "config_path": str(config_path) if config_path else None, "overrides": list(overrides or []),
+            "storage": storage.uri, "tracking_uri": _tracking_uri(cfg, workdir), "created": time.time()}
+    atomic_write_bytes(workdir / SUITE_FILE, json.dumps(meta, indent=1).encode())
 
 
 def load_suite(workdir: Path) -> tuple[SuiteConfig, dict]:
@@ -93,7 +113,7 @@ def load_suite(workdir: Path) -> tuple[SuiteConfig, dict]:
 
 def read_state(workdir: Path) -> dict:
     cfg, _ = load_suite(workdir)
-    storage = _storage_of(cfg, workdir)
+    storage = suite_storage(cfg, workdir)
     try:
         return storage.read_json(STATE_KEY)
     except StorageError:
@@ -128,22 +148,30 @@ def _tracker(cfg: SuiteConfig, workdir: Path):
 def run_suite(cfg: SuiteConfig, workdir: Path, config_path: Any = None, overrides: list[str] | None = None,
               address: str | None = None, progress: bool = True, executor: str = "ray") -> int:
     """``launcher run``: the suite on local Ray (or the cluster at ``address``). 0 done, 1 failed.
-    ``executor="inprocess"`` runs the same driver with every stage in this process (no Ray)."""
+    ``executor="inprocess"`` runs the same driver with every stage in this process (no Ray).
+    Running again into the same workdir with the same config continues the suite (as resume)."""
+    created = not Path(workdir).exists()
     workdir = _prepare_workdir(workdir)
-    storage = _storage_of(cfg, workdir)
-    ds_config = _ds_config(cfg)
-    from cluster.scheduler import DriverLock
+    try:
+        storage = suite_storage(cfg, workdir)
+        _check_suite_file(workdir, cfg)
+        ds_config = _ds_config(cfg)
+        from cluster.scheduler import DriverLock
 
-    with DriverLock(workdir):
-        _write_suite_file(workdir, cfg, storage, config_path, overrides or [])
-        return _drive(cfg, workdir, storage, ds_config, executor, address, progress)
+        with DriverLock(workdir):
+            record = lambda: _write_suite_file(workdir, cfg, storage, config_path, overrides or [])  # noqa: E731
+            return _drive(cfg, workdir, storage, ds_config, executor, address, progress, before_start=record)
+    except ConfigError:
+        if created and workdir.is_dir() and not any(workdir.iterdir()):
+            workdir.rmdir()  # bad input leaves nothing behind
+        raise
 
 
 def resume_suite(workdir: Path, address: str | None = None, executor: str = "ray", progress: bool = True) -> int:
     """``launcher resume``: verify finished stages, run the rest. 0 done, 1 failed."""
     workdir = Path(workdir)
     cfg, _ = load_suite(workdir)
-    storage = _storage_of(cfg, workdir)
+    storage = suite_storage(cfg, workdir)
     ds_config = _ds_config(cfg)
     from cluster.scheduler import DriverLock
 
@@ -151,26 +179,38 @@ def resume_suite(workdir: Path, address: str | None = None, executor: str = "ray
         return _drive(cfg, workdir, storage, ds_config, executor, address, progress)
 
 
-def _drive(cfg: SuiteConfig, workdir: Path, storage: Storage, ds_config: dict, executor_name: str,
-           address: str | None, progress: bool) -> int:
+def _make_executor(cfg: SuiteConfig, storage: Storage, ds_config: dict, name: str, address: str | None):
     from cluster.executors import InProcessExecutor, RayExecutor
+
+    if name == "inprocess":
+        return InProcessExecutor(cfg)
+    try:
+        return RayExecutor(cfg, storage, ds_config, address=address)
+    except Exception as e:  # noqa: BLE001 - ConnectionError, TimeoutError, auth errors at connect time
+        raise ConfigError(f"--address {address}: cannot reach the Ray cluster "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+
+
+def _drive(cfg: SuiteConfig, workdir: Path, storage: Storage, ds_config: dict, executor_name: str,
+           address: str | None, progress: bool, before_start=None) -> int:
+    """Check everything that can be checked without writing (data, storage, state ownership,
+    cluster fit), then start tracking and the driver."""
     from cluster.progress import ProgressView
-    from cluster.scheduler import SuiteDriver
+    from cluster.scheduler import SuiteDriver, check_state_owner
 
     _check_dataset(cfg)
-    tracker = _tracker(cfg, workdir)
-    view = ProgressView(live=progress)
-    view.note(f"suite {cfg.name}: workdir {workdir}, storage {storage.uri}, MLflow {tracker.uri}")
-    if executor_name == "inprocess":
-        executor = InProcessExecutor(cfg)
-    else:
-        try:
-            executor = RayExecutor(cfg, storage, ds_config, address=address)
-        except ConnectionError as e:
-            raise ConfigError(f"--address {address}: cannot reach the Ray cluster ({e})") from None
-    view.note(f"executor: {executor.describe()}")
-    config_text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    _check_storage(storage)
+    check_state_owner(storage, cfg, workdir)
+    executor = _make_executor(cfg, storage, ds_config, executor_name, address)
     try:
+        executor.check_fits(plan(cfg))
+        tracker = _tracker(cfg, workdir)
+        if before_start is not None:
+            before_start()
+        view = ProgressView(live=progress)
+        view.note(f"suite {cfg.name}: workdir {workdir}, storage {storage.uri}, MLflow {tracker.uri}")
+        view.note(f"executor: {executor.describe()}")
+        config_text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
         driver = SuiteDriver(cfg, workdir, storage, executor, tracker, ds_config=ds_config, config_text=config_text,
                              on_update=view.update)
         with view, _sigterm_as_interrupt():
@@ -339,7 +379,17 @@ def serve_ui(workdir: Path, host: str = "127.0.0.1", port: int = 5000) -> int:
            "--host", host, "--port", str(port), "--workers", "1"]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     print(f"MLflow UI for {workdir}: http://{host}:{port}   (Ctrl-C to stop)", flush=True)
+    server = subprocess.Popen(cmd, env=env)
     try:
-        return subprocess.call(cmd, env=env)
+        with _sigterm_as_interrupt():
+            return server.wait()
     except KeyboardInterrupt:
         return 0
+    finally:  # never leave the server behind when the launcher is stopped (Ctrl-C or SIGTERM)
+        if server.poll() is None:
+            server.terminate()
+            try:
+                server.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()

@@ -63,6 +63,23 @@ def remaining_work(specs: dict[str, StageSpec]) -> dict[str, float]:
     return work
 
 
+def check_state_owner(storage: Storage, cfg: SuiteConfig, workdir: Path) -> None:
+    """A storage area belongs to one suite run from one workdir: another suite (or the same
+    suite started from another workdir) must not take over its state and checkpoints."""
+    book = StateBook.load(storage)
+    if book is None:
+        return
+    state = book.state
+    names = [s.name for s in plan(cfg)]
+    if state.get("suite") != cfg.name or book.names() != names:
+        raise ConfigError(f"{storage.uri}/state.json: holds suite '{state.get('suite')}' with stages that do not "
+                          f"match this config; use another storage or workdir")
+    owner = state.get("workdir")
+    if owner and owner != str(Path(workdir).resolve()):
+        raise ConfigError(f"storage: {storage.uri} belongs to the run in workdir {owner}; resume it there "
+                          f"(`launcher resume --workdir {owner}`) or give this run another storage")
+
+
 class _SafeTracker:
     """MLflow calls that must not kill a running suite: a failure is logged and skipped."""
 
@@ -157,12 +174,12 @@ class SuiteDriver:
         return local
 
     def _open_state(self) -> StateBook:
+        check_state_owner(self.storage, self.cfg, self.workdir)
         book = StateBook.load(self.storage)
         if book is None:
-            return StateBook(self.storage, new_state(self.cfg.name, list(self.specs.values())))
-        if book.state.get("suite") != self.cfg.name or book.names() != self.order:
-            raise ConfigError(f"{self.storage.uri}/state.json: holds suite '{book.state.get('suite')}' with stages "
-                              f"that do not match this config; use another storage or workdir")
+            state = new_state(self.cfg.name, list(self.specs.values()))
+            state["workdir"] = str(self.workdir.resolve())
+            return StateBook(self.storage, state)
         return book
 
     def _check_done(self, spec: StageSpec, st: dict) -> str | None:
@@ -223,7 +240,7 @@ class SuiteDriver:
         self._start_tracking()
         self.book.save()
         todo = [self.specs[n] for n in self.order if self.book.stage(n)["status"] != "done"]
-        self.executor.check_fits(todo)
+        self.executor.check_fits(todo)  # the CLI checked already; for library callers
         ensure_dataset(self.cfg)
         pool = cf.ThreadPoolExecutor(max_workers=max(1, len(todo)), thread_name_prefix="stage")
         try:
@@ -325,7 +342,7 @@ class SuiteDriver:
             kind = ev["type"]
             if kind == "start":
                 self.book.update(name, save=False, attempts=st["attempts"] + 1, node=ev["node"], host=ev.get("host"),
-                                 worker_started=ev["time"])
+                                 worker_started=ev["time"], worker_pid=ev.get("pid"))
                 dirty = True
             elif kind == "input":
                 inputs = dict(st.get("inputs") or {})

@@ -253,6 +253,17 @@ class S3Storage(Storage):
         except FileNotFoundError:
             pass
 
+    def check(self) -> None:
+        """The bucket exists and answers (raises StorageError naming the endpoint otherwise)."""
+        from pyarrow import fs as pafs
+
+        try:
+            info = self.fs.get_file_info(self.bucket)
+        except OSError as e:
+            raise StorageError(f"{self.uri}: cannot reach the S3 endpoint {self.endpoint or '(AWS)'} ({e})") from None
+        if info.type == pafs.FileType.NotFound:
+            raise StorageError(f"{self.uri}: bucket '{self.bucket}' not found at {self.endpoint or 'AWS'}")
+
     def describe(self) -> dict:
         return {"kind": "s3", "bucket": self.bucket, "prefix": self.prefix, "endpoint": self.endpoint,
                 "region": self.region}

@@ -13,15 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from cluster.cli import read_state, resume_suite, run_suite
-from cluster.storage import open_storage
+from cluster.cli import read_state, resume_suite, run_suite, suite_storage
 from mtshare import checkpoint as ckpt
 from mtshare.config import validate_suite
 
 from conftest import CLUSTER_ENV
 
 REPO = Path(__file__).resolve().parent.parent
-BUCKET, PREFIX = "mtshare", "suites/multinode"
+BUCKET, ROOT = "mtshare", "suites"
+AREA = f"{ROOT}/multinode"  # an explicit storage root holds one area per suite name
 
 
 def _free_port() -> int:
@@ -77,7 +77,7 @@ def three_nodes():
 @pytest.fixture(scope="module")
 def suite_run(three_nodes, s3_endpoint, tiny_suite, tmp_path_factory):
     raw = tiny_suite("multinode", tasks=["sal", "edge"], steps=["step1"], iters=6,
-                     storage=f"s3://{BUCKET}/{PREFIX}", s3_endpoint=s3_endpoint)
+                     storage=f"s3://{BUCKET}/{ROOT}", s3_endpoint=s3_endpoint)
     raw["resources"] = {"workers": 1, "cpus_per_worker": 1,
                         "task_resources": {"sal": {"pin_a": 0.01}, "edge": {"pin_b": 0.01}}}
     workdir = tmp_path_factory.mktemp("multinode") / "run"
@@ -110,7 +110,7 @@ def test_s3_storage_stores_and_reloads_checkpoints(suite_run, s3_endpoint, tmp_p
     assert rc == 0
     s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="testing",
                       aws_secret_access_key="testing")
-    keys = {o["Key"][len(PREFIX) + 1:] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=PREFIX + "/")["Contents"]}
+    keys = {o["Key"][len(AREA) + 1:] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=AREA + "/")["Contents"]}
     for stage in ("base", "sal/step1", "edge/step1"):
         assert {f"{stage}/model.safetensors", f"{stage}/result.json"} <= keys
     assert "state.json" in keys and not [k for k in keys if "resume" in k]
@@ -119,7 +119,8 @@ def test_s3_storage_stores_and_reloads_checkpoints(suite_run, s3_endpoint, tmp_p
 
     state = read_state(workdir)
     base, *subtasks = state["stages"]
-    storage = open_storage(cfg.storage, cfg.s3_endpoint)
+    storage = suite_storage(cfg, workdir)
+    assert storage.uri == f"s3://{BUCKET}/{AREA}"
     for st in subtasks:
         got = storage.get(f"{st['name']}/model.safetensors", tmp_path / f"{st['task']}.safetensors",
                           expected_sha256=st["checksum"])

@@ -168,3 +168,29 @@ def test_failing_pipeline_does_not_stop_others_then_resume_and_verify(tiny_suite
         assert final[name]["ended"] > after[name]["ended"]
     for name in ("base", "edge/step1", "edge/step2"):
         assert final[name]["ended"] == after[name]["ended"]
+
+
+@pytest.mark.parametrize("case", ["dataset root", "deepspeed file", "s3 bucket", "storage owner"])
+def test_bad_input_is_refused_before_anything_is_written(case, tiny_suite, tmp_path, moto_endpoint):
+    """ConfigError (exit 2) naming the field, and the work directory stays absent."""
+    workdir = tmp_path / "never"
+    raw = tiny_suite("bad")
+    if case == "dataset root":
+        raw["dataset"]["root"] = str(tmp_path / "missing")
+        match = "dataset.root"
+    elif case == "deepspeed file":
+        raw["deepspeed"] = str(tmp_path / "nope.json")
+        match = "deepspeed"
+    elif case == "s3 bucket":
+        raw.update(storage="s3://no-such-bucket/x", s3_endpoint=moto_endpoint)
+        match = "no-such-bucket"
+    else:  # the storage area already belongs to the same suite run from another workdir
+        raw["storage"] = str(tmp_path / "shared")
+        cfg = validate_suite(raw, workdir=str(tmp_path / "other"))
+        state = new_state(cfg.name, plan(cfg))
+        state["workdir"] = str(tmp_path / "other")
+        LocalStorage(tmp_path / "shared" / "bad").write_json("state.json", state)
+        match = "belongs to the run in workdir"
+    with pytest.raises(ConfigError, match=match):
+        run_suite(validate_suite(raw, workdir=str(workdir)), workdir, progress=False, executor="inprocess")
+    assert not workdir.exists()
