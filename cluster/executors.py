@@ -13,7 +13,6 @@ import os
 import re
 import threading
 from pathlib import Path
-from typing import Any
 
 from mtshare.config import ConfigError, SuiteConfig
 from mtshare.stages import StageSpec

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mtshare.config import ConfigError, SuiteConfig
-from mtshare.stages import MODEL_FILE, StageSpec, downstream, plan
+from mtshare.stages import StageSpec, downstream, plan
 
 from cluster.stage_runner import RESULT_FILE, claim_stage, make_job
 from cluster.state import StateBook, driver_identity, new_state
@@ -447,5 +447,3 @@ class SuiteDriver:
         out["stages_done"] = float(len(results))
         return out
 
-
-__all__ = ["SuiteDriver", "DriverLock", "MODEL_FILE"]
