@@ -36,7 +36,7 @@ from mtshare.stages import StageSpec, downstream, plan
 
 from cluster.stage_runner import RESULT_FILE, claim_stage, make_job
 from cluster.state import StateBook, driver_identity, new_state
-from cluster.storage import LocalStorage, Storage
+from cluster.storage import LocalStorage, Storage, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ class SuiteDriver:
         """Where ``result.json`` files are mirrored for ``launcher report`` (which reads
         ``<workdir>/store``) when the storage is elsewhere, e.g. in S3."""
         local = self.workdir / "store"
-        if isinstance(self.storage, LocalStorage) and self.storage.root == local.resolve():
+        if isinstance(unwrap(self.storage), LocalStorage) and self.storage.root == local.resolve():
             return None
         return local
 
@@ -228,7 +228,12 @@ class SuiteDriver:
         from mtshare.suite import ensure_dataset
 
         self.book = self._open_state()
-        self._verify_finished()
+        rerun = self._verify_finished()
+        if not rerun and self.book.state.get("state") == "done" and self.nothing_to_do():
+            # A finished, verified suite: resume is idempotent, so touch nothing (state file,
+            # MLflow runs, checkpoints) and start nothing.
+            log.info("suite %s: every stage is done and verified; nothing to do", self.cfg.name)
+            return self.book.snapshot()
         for name in self.order:  # interrupted or failed before: run again (resuming mid-stage)
             st = self.book.stage(name)
             if st["status"] in ("running", "failed"):
@@ -254,6 +259,9 @@ class SuiteDriver:
             raise
         pool.shutdown(wait=True)
         return self._finish()
+
+    def nothing_to_do(self) -> bool:
+        return self.book is not None and all(self.book.stage(n)["status"] == "done" for n in self.order)
 
     def _loop(self, pool: cf.ThreadPoolExecutor) -> None:
         while True:

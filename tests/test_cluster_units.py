@@ -4,7 +4,6 @@ executor (real training, a few iterations)."""
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -48,21 +47,6 @@ def test_local_storage_roundtrip_and_atomicity(tmp_path):
     with pytest.raises(StorageError, match="escapes"):
         storage.write_bytes("../evil", b"")
     assert open_storage(storage.describe()).root == storage.root
-
-
-@pytest.fixture
-def moto_endpoint(monkeypatch):
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        monkeypatch.setenv(k, "testing")
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
 
 
 def test_s3_storage_roundtrip(moto_endpoint, tmp_path):

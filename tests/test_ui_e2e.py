@@ -132,8 +132,13 @@ def test_mlflow_ui_shows_the_suite_and_its_stage_runs(finished_suite, tmp_path):
     browser = None
     try:
         wait_http(f"http://127.0.0.1:{port}/health", 90)
-        # bound to loopback only (the default): nothing listens on other addresses
+        # bound to loopback only (the default): nothing listens on this port on another address
         assert "127.0.0.1" in ui.stdout.readline()
+        import psutil
+
+        bound = {c.laddr.ip for c in psutil.net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+        assert bound == {"127.0.0.1"}, bound
         browser = Browser(tmp_path)
         home = f"http://127.0.0.1:{port}/#/experiments/{exp.experiment_id}"
         browser.get(home)
