@@ -167,16 +167,38 @@ def run_suite(cfg: SuiteConfig, workdir: Path, config_path: Any = None, override
         raise
 
 
-def resume_suite(workdir: Path, address: str | None = None, executor: str = "ray", progress: bool = True) -> int:
-    """``launcher resume``: verify finished stages, run the rest. 0 done, 1 failed."""
+def resume_suite(workdir: Path, address: str | None = None, executor: str = "ray", progress: bool = True,
+                 overrides: list[str] | None = None) -> int:
+    """``launcher resume``: verify finished stages, run the rest. 0 done, 1 failed.
+
+    ``overrides`` (``--set key=value``) fix the saved config first, e.g. after a stage failed
+    on a bad setting. They may not change which stages the suite has. A finished stage whose
+    settings they change (see :meth:`StageSpec.fingerprint`) is re-run with its downstream."""
     workdir = Path(workdir)
-    cfg, _ = load_suite(workdir)
+    cfg, meta = load_suite(workdir)
+    if overrides:
+        cfg = _overridden(workdir, cfg, meta, overrides)
     storage = suite_storage(cfg, workdir)
     ds_config = _ds_config(cfg)
     from cluster.scheduler import DriverLock
 
     with DriverLock(workdir):
+        if overrides:
+            _write_suite_file(workdir, cfg, storage, meta.get("config_path"), [*meta.get("overrides", []), *overrides])
         return _drive(cfg, workdir, storage, ds_config, executor, address, progress)
+
+
+def _overridden(workdir: Path, cfg: SuiteConfig, meta: dict, overrides: list[str]) -> SuiteConfig:
+    import copy
+
+    from mtshare.config import apply_overrides
+
+    new = validate_suite(apply_overrides(copy.deepcopy(meta["config"]), overrides), source="--set",
+                         workdir=str(workdir))
+    if [s.name for s in plan(new)] != [s.name for s in plan(cfg)] or new.name != cfg.name:
+        raise ConfigError("--set: resume cannot change the suite's name or stages (tasks, steps, references); "
+                          "start a new run in another --workdir")
+    return new
 
 
 def _make_executor(cfg: SuiteConfig, storage: Storage, ds_config: dict, name: str, address: str | None):
@@ -217,6 +239,8 @@ def _drive(cfg: SuiteConfig, workdir: Path, storage: Storage, ds_config: dict, e
             state = driver.run()
     finally:
         executor.close()
+    if driver.idle:
+        print(f"suite {cfg.name}: every stage is done and verified; nothing to do")
     _print_outcome(state, workdir, tracker.uri)
     return 0 if state["state"] == "done" else 1
 

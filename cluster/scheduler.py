@@ -158,6 +158,7 @@ class SuiteDriver:
         self.order = list(self.specs)
         self.work = remaining_work(self.specs)
         self.book: StateBook | None = None
+        self.idle = False  # set when run() found a finished, verified suite and did nothing
         self.running: dict[str, tuple[cf.Future, dict[str, float]]] = {}
         self._last_progress_save = 0.0
         self._capacity: dict[str, float] = {}
@@ -190,6 +191,8 @@ class SuiteDriver:
             return "result.json missing"
         if self.storage.sha256(spec.output_key) != st["checksum"]:
             return f"checksum mismatch of {spec.output_key}"
+        if st.get("fingerprint") and st["fingerprint"] != spec.fingerprint():
+            return "its configuration changed"
         for role, up in (("base", "base" if spec.base_key else None), ("prev", _prev_name(spec))):
             if up and (st.get("inputs", {}).get(role) or {}).get("sha256") != self.book.stage(up)["checksum"]:
                 return f"trained from an older {up}"
@@ -232,7 +235,7 @@ class SuiteDriver:
         if not rerun and self.book.state.get("state") == "done" and self.nothing_to_do():
             # A finished, verified suite: resume is idempotent, so touch nothing (state file,
             # MLflow runs, checkpoints) and start nothing.
-            log.info("suite %s: every stage is done and verified; nothing to do", self.cfg.name)
+            self.idle = True
             return self.book.snapshot()
         for name in self.order:  # interrupted or failed before: run again (resuming mid-stage)
             st = self.book.stage(name)
@@ -387,6 +390,7 @@ class SuiteDriver:
                 self._mirror_result(spec, result)
                 self.book.update(name, status="done", checksum=outcome["checksum"], ended=time.time(), error=None,
                                  iteration=result.get("iterations", st.get("iteration")),
+                                 fingerprint=spec.fingerprint(),
                                  param_digests=outcome.get("param_digests"), stepper=outcome.get("stepper"),
                                  world_size=outcome.get("world_size"))
                 self.tracker.finish_stage(st["mlflow_run_id"], result, outcome["checksum"],

@@ -164,7 +164,7 @@ def _upload_resume(storage: Storage, spec: StageSpec, job: dict, out_dir: Path, 
     storage.put(local, key)
     storage.write_json(f"{spec.output_dir_key}/{RESUME_META}",
                        {"key": key, "iteration": iteration, "sha256": sha256_file(local), "inputs": _inputs_of(job),
-                        "format": fmt, "time": time.time()})
+                        "format": fmt, "fingerprint": spec.fingerprint(), "time": time.time()})
     for old in storage.list(spec.output_dir_key):
         if _is_resume_blob(old) and old != key:
             storage.delete(old)
@@ -172,7 +172,8 @@ def _upload_resume(storage: Storage, spec: StageSpec, job: dict, out_dir: Path, 
 
 def fetch_resume(storage: Storage, spec: StageSpec, job: dict, out_dir: Path, fmt: str) -> int | None:
     """Place the stage's stored resume state in ``out_dir`` when it is valid for this run: same
-    inputs, same optimiser-state format, intact bytes. Returns its iteration, or None."""
+    inputs, same training settings (:meth:`StageSpec.fingerprint`), same optimiser-state format,
+    intact bytes. Returns its iteration, or None."""
     meta_key = f"{spec.output_dir_key}/{RESUME_META}"
     (out_dir / RESUME_FILE).unlink(missing_ok=True)
     if not storage.exists(meta_key):
@@ -180,6 +181,8 @@ def fetch_resume(storage: Storage, spec: StageSpec, job: dict, out_dir: Path, fm
     meta = storage.read_json(meta_key)
     if meta.get("inputs") != _inputs_of(job) or meta.get("format") != fmt:
         return None  # made from other inputs (an upstream stage was re-run) or another stepper
+    if meta.get("fingerprint", spec.fingerprint()) != spec.fingerprint():
+        return None  # the stage's settings were changed (`resume --set ...`): start it afresh
     try:
         storage.get(meta["key"], out_dir / RESUME_FILE, expected_sha256=meta["sha256"])
     except Exception:  # noqa: BLE001 - a missing or damaged blob only costs the progress it held

@@ -54,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
         if verb in ("status", "report"):
             v.add_argument("--format", choices=["table", "json"], default="table")
         if verb == "resume":
+            v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                           help="fix the saved config first (not its tasks/steps); changed finished stages re-run")
             v.add_argument("--address", help="Ray cluster address (default: local Ray)")
             v.add_argument("--executor", choices=["ray", "inprocess"], default="ray")
             v.add_argument("--no-progress", action="store_true")

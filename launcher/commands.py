@@ -78,7 +78,8 @@ def cmd_resume(args) -> int:
     workdir = default_workdir(args.workdir)
     from cluster.cli import resume_suite
 
-    return resume_suite(workdir, address=args.address, executor=args.executor, progress=not args.no_progress)
+    return resume_suite(workdir, address=args.address, executor=args.executor, progress=not args.no_progress,
+                        overrides=args.overrides)
 
 
 def cmd_status(args) -> int:

@@ -11,6 +11,8 @@ suite's storage root), never by the driver's memory.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -49,6 +51,20 @@ class StageSpec(BaseModel):
     @property
     def is_subtask_step(self) -> bool:
         return self.kind in ("step1", "step2", "step3")
+
+    def fingerprint(self) -> str:
+        """sha256 of what determines the stage's result. Bookkeeping (logging and checkpoint
+        intervals, data-loader workers, the fault knob) is left out: changing it on ``resume``
+        does not make a finished stage stale; changing anything else does."""
+        d = self.model_dump(mode="json")
+        for key in BOOKKEEPING["optim"]:
+            d["optim"].pop(key, None)
+        for key in BOOKKEEPING["dataset"]:
+            d["dataset"].pop(key, None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
+BOOKKEEPING = {"optim": ("log_every", "ckpt_every", "fail_at_iter"), "dataset": ("num_workers", "synthesize")}
 
 
 def stage_name(task: str, kind: str) -> str:
