@@ -16,6 +16,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +25,7 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -40,6 +42,18 @@ DATA_CHECK_IDS = 50  # ids per split whose label files `run` decodes before star
 
 
 # --- the work directory ---------------------------------------------------------------------
+
+def _check_workdir(workdir: Path) -> None:
+    """The work directory can be created (or written) by this user, checked without writing."""
+    workdir = Path(workdir)
+    probe = workdir
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"--workdir {workdir}: not writable ({probe} is not a directory)")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"--workdir {workdir}: not writable ({probe} is read-only for this user)")
+
 
 def _prepare_workdir(workdir: Path) -> Path:
     workdir = Path(workdir)
@@ -129,18 +143,60 @@ def _ds_config(cfg: SuiteConfig) -> dict:
     return load_ds_config(path)
 
 
-def _tracker(cfg: SuiteConfig, workdir: Path):
-    from cluster.tracking import Tracker
+def _probe_tcp(host: str, port: int, timeout: float = 5.0) -> str | None:
+    """None when something accepts a TCP connection at host:port, else why not (one line)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as e:
+        return e.strerror or type(e).__name__
 
+
+def _check_tracking(cfg: SuiteConfig) -> None:
+    """An MLflow server named by ``tracking_uri`` must answer before anything is written:
+    a TCP probe (fails in milliseconds for a closed port), then one read-only request."""
+    uri = cfg.tracking_uri
+    if not uri or urlsplit(uri).scheme not in ("http", "https"):
+        return  # the embedded sqlite store (or a local path) is created with the workdir
+    parts = urlsplit(uri)
+    try:
+        host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as e:
+        raise ConfigError(f"tracking_uri: {uri}: {e}") from None
+    why = _probe_tcp(host or "", port)
+    if why:
+        raise ConfigError(f"tracking_uri: cannot reach the MLflow server at {uri} ({why})")
+    _mlflow_env()
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(uri).get_experiment_by_name(cfg.name)
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"tracking_uri: cannot use MLflow at {uri} "
+                          f"({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:limit] if text else ""
+
+
+def _mlflow_env() -> None:
     # An unreachable server should fail the start quickly, not after minutes of retries.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+
+
+def _tracker(cfg: SuiteConfig, workdir: Path):
+    from cluster.tracking import Tracker
+
+    _mlflow_env()
     uri = _tracking_uri(cfg, workdir)
     artifacts = workdir / "mlartifacts" if cfg.tracking_uri is None else None
     try:
         return Tracker(uri, experiment=cfg.name, artifact_root=artifacts)
     except Exception as e:  # noqa: BLE001
-        raise ConfigError(f"tracking_uri: cannot use MLflow at {uri} ({type(e).__name__}: {str(e)[:200]})") from None
+        raise ConfigError(f"tracking_uri: cannot use MLflow at {uri} ({type(e).__name__}: {_first_line(e)})") from None
 
 
 # --- run / resume ---------------------------------------------------------------------------
@@ -149,86 +205,81 @@ def run_suite(cfg: SuiteConfig, workdir: Path, config_path: Any = None, override
               address: str | None = None, progress: bool = True, executor: str = "ray") -> int:
     """``launcher run``: the suite on local Ray (or the cluster at ``address``). 0 done, 1 failed.
     ``executor="inprocess"`` runs the same driver with every stage in this process (no Ray).
-    Running again into the same workdir with the same config continues the suite (as resume)."""
-    created = not Path(workdir).exists()
-    workdir = _prepare_workdir(workdir)
-    try:
-        storage = suite_storage(cfg, workdir)
-        _check_suite_file(workdir, cfg)
-        ds_config = _ds_config(cfg)
-        from cluster.scheduler import DriverLock
-
-        with DriverLock(workdir):
-            record = lambda: _write_suite_file(workdir, cfg, storage, config_path, overrides or [])  # noqa: E731
-            return _drive(cfg, workdir, storage, ds_config, executor, address, progress, before_start=record)
-    except ConfigError:
-        if created and workdir.is_dir() and not any(workdir.iterdir()):
-            workdir.rmdir()  # bad input leaves nothing behind
-        raise
-
-
-def resume_suite(workdir: Path, address: str | None = None, executor: str = "ray", progress: bool = True,
-                 overrides: list[str] | None = None) -> int:
-    """``launcher resume``: verify finished stages, run the rest. 0 done, 1 failed.
-
-    ``overrides`` (``--set key=value``) fix the saved config first, e.g. after a stage failed
-    on a bad setting. They may not change which stages the suite has. A finished stage whose
-    settings they change (see :meth:`StageSpec.fingerprint`) is re-run with its downstream."""
+    Running again into the same workdir with the same config continues the suite (as resume).
+    Bad input raises ConfigError (or DataError) before anything is written under the workdir."""
     workdir = Path(workdir)
-    cfg, meta = load_suite(workdir)
-    if overrides:
-        cfg = _overridden(workdir, cfg, meta, overrides)
+    _check_workdir(workdir)
+    storage = suite_storage(cfg, workdir)
+    _check_suite_file(workdir, cfg)
+    ds_config = _ds_config(cfg)
+    record = lambda: _write_suite_file(workdir, cfg, storage, config_path, overrides or [])  # noqa: E731
+    return _drive(cfg, workdir, storage, ds_config, executor, address, progress, before_start=record)
+
+
+def resume_suite(workdir: Path, address: str | None = None, executor: str = "ray", progress: bool = True) -> int:
+    """``launcher resume``: verify finished stages, run the rest. 0 done, 1 failed."""
+    workdir = Path(workdir)
+    cfg, _ = load_suite(workdir)
     storage = suite_storage(cfg, workdir)
     ds_config = _ds_config(cfg)
-    from cluster.scheduler import DriverLock
-
-    with DriverLock(workdir):
-        if overrides:
-            _write_suite_file(workdir, cfg, storage, meta.get("config_path"), [*meta.get("overrides", []), *overrides])
-        return _drive(cfg, workdir, storage, ds_config, executor, address, progress)
+    return _drive(cfg, workdir, storage, ds_config, executor, address, progress)
 
 
-def _overridden(workdir: Path, cfg: SuiteConfig, meta: dict, overrides: list[str]) -> SuiteConfig:
-    import copy
-
-    from mtshare.config import apply_overrides
-
-    new = validate_suite(apply_overrides(copy.deepcopy(meta["config"]), overrides), source="--set",
-                         workdir=str(workdir))
-    if [s.name for s in plan(new)] != [s.name for s in plan(cfg)] or new.name != cfg.name:
-        raise ConfigError("--set: resume cannot change the suite's name or stages (tasks, steps, references); "
-                          "start a new run in another --workdir")
-    return new
+def _check_ray_address(address: str | None) -> None:
+    """``host:port`` (or ``ray://host:port``) must accept a connection: ``ray.init`` would
+    otherwise retry an unreachable GCS for minutes. ``auto``/local need no probe."""
+    if address in (None, "", "local", "auto"):
+        return
+    target = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"--address {address}: expected host:port (or ray://host:port, auto)")
+    why = _probe_tcp(host.strip("[]"), int(port))
+    if why:
+        raise ConfigError(f"--address {address}: cannot reach the Ray cluster ({why})")
 
 
 def _make_executor(cfg: SuiteConfig, storage: Storage, ds_config: dict, name: str, address: str | None):
-    from cluster.executors import InProcessExecutor, RayExecutor
-
     if name == "inprocess":
+        from cluster.executors import InProcessExecutor
+
         return InProcessExecutor(cfg)
+    _check_ray_address(address)  # before importing Ray: an unreachable address fails in milliseconds
+    _auth_env()  # a token at hand: token mode, as Ray would choose, without its notice on stderr
+    from cluster.executors import RayExecutor
+
     try:
         return RayExecutor(cfg, storage, ds_config, address=address)
     except Exception as e:  # noqa: BLE001 - ConnectionError, TimeoutError, auth errors at connect time
         raise ConfigError(f"--address {address}: cannot reach the Ray cluster "
-                          f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+                          f"({type(e).__name__}: {_first_line(e)})") from None
 
 
 def _drive(cfg: SuiteConfig, workdir: Path, storage: Storage, ds_config: dict, executor_name: str,
            address: str | None, progress: bool, before_start=None) -> int:
-    """Check everything that can be checked without writing (data, storage, state ownership,
-    cluster fit), then start tracking and the driver."""
+    """Check everything that can be checked without writing (pretrained weights, data, storage,
+    state ownership, MLflow server, cluster fit), then create the workdir, take the driver lock,
+    record the suite (``before_start``), start tracking and the driver."""
     from cluster.progress import ProgressView
-    from cluster.scheduler import SuiteDriver, check_state_owner
+    from cluster.scheduler import DriverLock, SuiteDriver, check_state_owner
 
+    _check_pretrained(cfg)
     _check_dataset(cfg)
     _check_storage(storage)
     check_state_owner(storage, cfg, workdir)
+    _check_tracking(cfg)
     executor = _make_executor(cfg, storage, ds_config, executor_name, address)
     try:
         executor.check_fits(plan(cfg))
-        tracker = _tracker(cfg, workdir)
+        _prepare_workdir(workdir)  # the first write: everything above only reads
+        lock = DriverLock(workdir).__enter__()
+    except BaseException:
+        executor.close()
+        raise
+    try:
         if before_start is not None:
             before_start()
+        tracker = _tracker(cfg, workdir)
         view = ProgressView(live=progress)
         view.note(f"suite {cfg.name}: workdir {workdir}, storage {storage.uri}, MLflow {tracker.uri}")
         view.note(f"executor: {executor.describe()}")
@@ -238,11 +289,20 @@ def _drive(cfg: SuiteConfig, workdir: Path, storage: Storage, ds_config: dict, e
         with view, _sigterm_as_interrupt():
             state = driver.run()
     finally:
-        executor.close()
-    if driver.idle:
-        print(f"suite {cfg.name}: every stage is done and verified; nothing to do")
+        try:
+            executor.close()  # stage workers stop before the lock lets another driver in
+        finally:
+            lock.__exit__(None, None, None)
     _print_outcome(state, workdir, tracker.uri)
     return 0 if state["state"] == "done" else 1
+
+
+def _check_pretrained(cfg: SuiteConfig) -> None:
+    """``model.pretrained`` must match the encoder key for key (names and shapes only, nothing
+    loaded): a mismatch found here costs nothing, found in the base stage it costs a cluster start."""
+    from mtshare.models.vit import check_pretrained
+
+    check_pretrained(cfg.model)
 
 
 def _check_dataset(cfg: SuiteConfig) -> None:

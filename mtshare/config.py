@@ -141,9 +141,9 @@ class SuiteConfig(_Strict):
     def _check_tasks(self) -> "SuiteConfig":
         from mtshare.tasks import TASKS
 
-        for t in [self.base_task, *self.tasks]:
+        for field, t in [("base_task", self.base_task), *(("tasks", t) for t in self.tasks)]:
             if t not in TASKS:
-                raise ValueError(f"unknown task '{t}' (known: {', '.join(TASKS)})")
+                raise ValueError(f"{field}: unknown task '{t}' (known: {', '.join(TASKS)})")
         if not self.tasks:
             raise ValueError("tasks: the list of sub-tasks is empty")
         if self.base_task in self.tasks:

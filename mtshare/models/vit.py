@@ -140,6 +140,72 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor]) -> dict[str, torch
     return out
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+
+
+def _audit_keys(source: str, got: dict[str, tuple], own: dict[str, tuple], error=ValueError) -> None:
+    """Strict key / shape audit of foreign weights (names and shapes only) against the encoder's."""
+    missing = sorted(set(own) - set(got))
+    unexpected = sorted(set(got) - set(own))
+    if missing or unexpected:
+        parts = [f"{what} keys {keys[:8]}{'...' if len(keys) > 8 else ''}"
+                 for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+        raise error(f"model.pretrained: {source}: {', '.join(parts)}")
+    bad = [k for k in own if tuple(own[k]) != tuple(got[k])]
+    if bad:
+        raise error(f"model.pretrained: {source}: shape mismatch for {bad[:8]}")
+
+
+def _shapes(sd: dict) -> dict[str, tuple]:
+    return {k: tuple(v.shape) for k, v in sd.items()}
+
+
+def check_pretrained(model_cfg) -> None:
+    """Pre-flight check of ``model.pretrained`` (a :class:`mtshare.config.ModelConfig`) without
+    loading any weights: a local file's key names and shapes (safetensors header, or a .pth read
+    onto the meta device) must match the encoder exactly, as :func:`load_pretrained` will demand
+    in the base stage. A timm model name is checked to exist (its download happens in the stage).
+    Raises :class:`mtshare.config.ConfigError` naming the field and file."""
+    from mtshare.config import ConfigError
+
+    source = getattr(model_cfg, "pretrained", None)
+    if not source:
+        return
+    path = Path(source)
+    if not path.exists():
+        hub = source.startswith(("hf-hub:", "hf_hub:"))
+        if path.suffix in WEIGHT_SUFFIXES or ("/" in source and not hub):
+            raise ConfigError(f"model.pretrained: {source}: file not found")
+        import timm
+
+        if not (hub or timm.is_model(source)):
+            raise ConfigError(f"model.pretrained: '{source}' is neither a file nor a timm model name")
+        return
+    if not path.is_file():
+        raise ConfigError(f"model.pretrained: {source}: not a file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                got = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        else:
+            got = _shapes_nested(torch.load(str(path), map_location="meta", weights_only=True))
+    except Exception as e:  # noqa: BLE001 - corrupt header, pickle refused, ...
+        raise ConfigError(f"model.pretrained: {source}: not a readable weight file ({type(e).__name__})") from None
+    with torch.device("meta"):
+        own = _shapes(ViTEncoder(vit_config(model_cfg.flavor, model_cfg.patch_size)).state_dict())
+    _audit_keys(source, checkpoint_filter_fn(got), own, error=ConfigError)
+
+
+def _shapes_nested(sd) -> dict:
+    """A loaded .pth as names -> shapes, keeping MAE's ``{"model": {...}}`` wrapper."""
+    if not isinstance(sd, dict):
+        raise TypeError("not a state dict")
+    return {k: (_shapes_nested(v) if isinstance(v, dict) else tuple(v.shape)) for k, v in sd.items()
+            if isinstance(v, dict) or hasattr(v, "shape")}
+
+
 def load_pretrained(encoder: ViTEncoder, source: str) -> None:
     """Load encoder weights strictly from a local file (.safetensors, or .pth read with
     weights_only=True) or a timm model name. Missing or unexpected keys raise ValueError
@@ -158,17 +224,7 @@ def load_pretrained(encoder: ViTEncoder, source: str) -> None:
         try:
             sd = timm.create_model(source, pretrained=True).state_dict()
         except Exception as e:  # no network, unknown name, ...
-            raise ValueError(f"backbone.pretrained: '{source}' is neither a file nor a loadable timm model ({e})") from e
+            raise ValueError(f"model.pretrained: '{source}' is neither a file nor a loadable timm model ({e})") from e
     sd = checkpoint_filter_fn(sd)
-    own = encoder.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    if missing or unexpected:
-        raise ValueError(
-            f"backbone.pretrained '{source}': missing keys {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-            f"unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
-        )
-    bad = [k for k in own if own[k].shape != sd[k].shape]
-    if bad:
-        raise ValueError(f"backbone.pretrained '{source}': shape mismatch for {bad[:8]}")
+    _audit_keys(source, _shapes(sd), _shapes(encoder.state_dict()))
     encoder.load_state_dict(sd, strict=True)
