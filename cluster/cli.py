@@ -56,12 +56,10 @@ def _check_workdir(workdir: Path) -> None:
 
 
 def _prepare_workdir(workdir: Path) -> Path:
+    """Create the work directory (checked beforehand by :func:`_check_workdir`)."""
     workdir = Path(workdir)
     try:
         workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / f".write-test-{uuid.uuid4().hex[:6]}"
-        probe.write_bytes(b"")
-        probe.unlink()
     except OSError as e:
         raise ConfigError(f"--workdir {workdir}: not writable ({e.strerror or e})") from None
     return workdir
@@ -216,13 +214,37 @@ def run_suite(cfg: SuiteConfig, workdir: Path, config_path: Any = None, override
     return _drive(cfg, workdir, storage, ds_config, executor, address, progress, before_start=record)
 
 
-def resume_suite(workdir: Path, address: str | None = None, executor: str = "ray", progress: bool = True) -> int:
-    """``launcher resume``: verify finished stages, run the rest. 0 done, 1 failed."""
+def resume_suite(workdir: Path, address: str | None = None, executor: str = "ray", progress: bool = True,
+                 overrides: list[str] | None = None) -> int:
+    """``launcher resume``: verify finished stages, run the rest. 0 done, 1 failed.
+
+    ``overrides`` (``--set key=value``) fix the saved config first, e.g. after a stage failed
+    on a bad setting. They may not change which stages the suite has. A finished stage whose
+    settings they change (see :meth:`StageSpec.fingerprint`) is re-run with its downstream."""
     workdir = Path(workdir)
-    cfg, _ = load_suite(workdir)
+    cfg, meta = load_suite(workdir)
+    if overrides:
+        cfg = _overridden(workdir, cfg, meta, overrides)
     storage = suite_storage(cfg, workdir)
     ds_config = _ds_config(cfg)
-    return _drive(cfg, workdir, storage, ds_config, executor, address, progress)
+    record = None
+    if overrides:  # recorded once every check has passed, under the driver lock
+        record = lambda: _write_suite_file(workdir, cfg, storage, meta.get("config_path"),  # noqa: E731
+                                           [*meta.get("overrides", []), *overrides])
+    return _drive(cfg, workdir, storage, ds_config, executor, address, progress, before_start=record)
+
+
+def _overridden(workdir: Path, cfg: SuiteConfig, meta: dict, overrides: list[str]) -> SuiteConfig:
+    import copy
+
+    from mtshare.config import apply_overrides
+
+    new = validate_suite(apply_overrides(copy.deepcopy(meta["config"]), overrides), source="--set",
+                         workdir=str(workdir))
+    if [s.name for s in plan(new)] != [s.name for s in plan(cfg)] or new.name != cfg.name:
+        raise ConfigError("--set: resume cannot change the suite's name or stages (tasks, steps, references); "
+                          "start a new run in another --workdir")
+    return new
 
 
 def _check_ray_address(address: str | None) -> None:
@@ -293,6 +315,8 @@ def _drive(cfg: SuiteConfig, workdir: Path, storage: Storage, ds_config: dict, e
             executor.close()  # stage workers stop before the lock lets another driver in
         finally:
             lock.__exit__(None, None, None)
+    if driver.idle:
+        print(f"suite {cfg.name}: every stage is done and verified; nothing to do")
     _print_outcome(state, workdir, tracker.uri)
     return 0 if state["state"] == "done" else 1
 
