@@ -285,6 +285,10 @@ def _drive(cfg: SuiteConfig, workdir: Path, storage: Storage, ds_config: dict, e
     from cluster.progress import ProgressView
     from cluster.scheduler import DriverLock, SuiteDriver, check_state_owner
 
+    lock = DriverLock(workdir)
+    if lock.path.exists() and lock._holder_alive():  # read-only early answer; __enter__ below decides
+        raise ConfigError(f"{lock.path}: another driver ({lock.path.read_text().strip()}) is running this suite; "
+                          f"wait for it or stop it first")
     _check_pretrained(cfg)
     _check_dataset(cfg)
     _check_storage(storage)
@@ -294,7 +298,7 @@ def _drive(cfg: SuiteConfig, workdir: Path, storage: Storage, ds_config: dict, e
     try:
         executor.check_fits(plan(cfg))
         _prepare_workdir(workdir)  # the first write: everything above only reads
-        lock = DriverLock(workdir).__enter__()
+        lock.__enter__()
     except BaseException:
         executor.close()
         raise
