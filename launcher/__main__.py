@@ -73,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--sparsity", type=float, default=0.9)
     b.add_argument("--workdir")
     b.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    b.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's default)")
     b.add_argument("--format", choices=["table", "json"], default="table")
 
     u = sub.add_parser("ui", help="serve the MLflow UI of a run on 127.0.0.1")

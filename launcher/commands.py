@@ -159,7 +159,10 @@ def cmd_bench(args) -> int:
     from mtshare.bench import BenchInputError, format_table, run_bench
 
     try:
+        if args.threads is not None and args.threads < 1:
+            raise BenchInputError(f"--threads: must be >= 1, got {args.threads}")
         result = run_bench(args.model, args.img, args.batch, args.tasks, args.sparsity, args.workdir, args.device,
+                           threads=args.threads,
                            log=(lambda s: None) if args.format == "json" else (lambda s: print(s, file=sys.stderr)))
     except BenchInputError as e:
         raise UserError(str(e)) from None

@@ -128,13 +128,15 @@ def test_failing_pipeline_does_not_stop_others_then_resume_and_verify(tiny_suite
     assert all(stages[n]["status"] == "done" for n in ("base", "sal/step1", "sal/step2"))
     assert "fix the cause" in capsys.readouterr().err
 
-    # The fix: drop the fault knob from the saved config (what editing the YAML + resume does).
-    suite_json = workdir / "suite.json"
-    meta = json.loads(suite_json.read_text())
-    meta["config"]["task_overrides"] = {}
-    suite_json.write_text(json.dumps(meta))
+    # The fix, given to resume: drop the fault knob from the saved config.
     done_before = {n: (s["checksum"], s["mlflow_run_id"], s["ended"]) for n, s in stages.items() if s["status"] == "done"}
-    assert resume_suite(workdir, executor="inprocess", progress=False) == 0
+    with pytest.raises(ConfigError, match="cannot change the suite's name or stages"):
+        resume_suite(workdir, executor="inprocess", progress=False, overrides=["tasks=[sal]"])
+    assert resume_suite(workdir, executor="inprocess", progress=False,
+                        overrides=["task_overrides.edge.step1.fail_at_iter=null"]) == 0
+    meta = json.loads((workdir / "suite.json").read_text())
+    assert meta["config"]["task_overrides"]["edge"]["step1"]["fail_at_iter"] is None
+    assert meta["overrides"][-1] == "task_overrides.edge.step1.fail_at_iter=null"
     after = {s["name"]: s for s in read_state(workdir)["stages"]}
     assert all(s["status"] == "done" for s in after.values())
     assert {n: (after[n]["checksum"], after[n]["mlflow_run_id"], after[n]["ended"]) for n in done_before} == done_before
@@ -152,6 +154,15 @@ def test_failing_pipeline_does_not_stop_others_then_resume_and_verify(tiny_suite
         assert final[name]["ended"] > after[name]["ended"]
     for name in ("base", "edge/step1", "edge/step2"):
         assert final[name]["ended"] == after[name]["ended"]
+
+    # A changed training setting makes the finished stages it touches stale (fingerprint);
+    # bookkeeping (log interval) does not.
+    assert resume_suite(workdir, executor="inprocess", progress=False,
+                        overrides=["task_overrides.sal.step2.lr=5.0e-4", "train.step1.log_every=7"]) == 0
+    changed = {s["name"]: s for s in read_state(workdir)["stages"]}
+    assert changed["sal/step2"]["ended"] > final["sal/step2"]["ended"]
+    for name in ("base", "sal/step1", "edge/step1", "edge/step2"):
+        assert changed[name]["ended"] == final[name]["ended"]
 
 
 @pytest.mark.parametrize("case", ["dataset root", "deepspeed file", "s3 bucket", "storage owner"])

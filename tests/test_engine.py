@@ -258,7 +258,14 @@ def test_bench_cli_and_workdir(suite, tmp_path, capsys):
     deltas, head = subs["sal"]
     ckpt.save_subtask(store / "sal" / "step3" / "model.safetensors", deltas, head.state_dict(), {"task": "sal"},
                       base_sha256=sha)
-    assert main(["bench", "--workdir", str(tmp_path), "--img", "32", "--tasks", "5", "--format", "json"]) == 0
+    threads = torch.get_num_threads()
+    try:
+        assert main(["bench", "--workdir", str(tmp_path), "--img", "32", "--tasks", "5", "--threads", "1",
+                     "--format", "json"]) == 0
+    finally:
+        torch.set_num_threads(threads)
     r = json.loads(capsys.readouterr().out)
     assert r["config"]["task_names"] == ["semseg", "sal"] and r["per_task"]["sal"]["output_rel_err"] < 1e-5
+    assert r["config"]["threads"] == 1
+    assert main(["bench", "--model", "vit_debug", "--threads", "0"]) == 2
     assert main(["bench", "--model", "vit_debug", "--img", "30"]) == 2  # 30 is not a multiple of 16
