@@ -267,11 +267,11 @@ def _make_executor(cfg: SuiteConfig, storage: Storage, ds_config: dict, name: st
 
         return InProcessExecutor(cfg)
     _check_ray_address(address)  # before importing Ray: an unreachable address fails in milliseconds
-    _auth_env()  # a token at hand: token mode, as Ray would choose, without its notice on stderr
     from cluster.executors import RayExecutor
 
     try:
-        return RayExecutor(cfg, storage, ds_config, address=address)
+        with _auth_env():  # a token at hand: token mode, as Ray would choose, without its notice on stderr
+            return RayExecutor(cfg, storage, ds_config, address=address)
     except Exception as e:  # noqa: BLE001 - ConnectionError, TimeoutError, auth errors at connect time
         raise ConfigError(f"--address {address}: cannot reach the Ray cluster "
                           f"({type(e).__name__}: {_first_line(e)})") from None
@@ -401,13 +401,22 @@ def show_status(workdir: Path, fmt: str = "table") -> int:
 
 # --- submit ---------------------------------------------------------------------------------
 
-def _auth_env() -> None:
+@contextlib.contextmanager
+def _auth_env():
     """Ray's clients add the token header only in token mode: a token given through the
-    environment (or ~/.ray/auth_token) switches it on when RAY_AUTH_MODE is unset."""
-    if os.environ.get("RAY_AUTH_MODE"):
+    environment (or ~/.ray/auth_token) switches it on when RAY_AUTH_MODE is unset. Only for the
+    call that connects: a process-wide change would leak into later Ray starts in the same
+    process (library callers, tests) and make their GCS refuse its own clients."""
+    token = os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") or \
+        (Path.home() / ".ray" / "auth_token").exists()
+    if os.environ.get("RAY_AUTH_MODE") or not token:
+        yield
         return
-    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") or (Path.home() / ".ray" / "auth_token").exists():
-        os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_MODE"] = "token"
+    try:
+        yield
+    finally:
+        os.environ.pop("RAY_AUTH_MODE", None)
 
 
 def _stage_job_dir(config_path: Path) -> tuple[Path, str]:
@@ -424,9 +433,13 @@ def _stage_job_dir(config_path: Path) -> tuple[Path, str]:
 
 def submit_suite(cfg: SuiteConfig, args: Any) -> int:
     """``launcher submit``: the suite as a Ray Job on a running cluster; prints the job id."""
+    with _auth_env():
+        return _submit(cfg, args)
+
+
+def _submit(cfg: SuiteConfig, args: Any) -> int:
     config_path = Path(args.config)
     workdir = Path(args.workdir or Path("runs") / cfg.name).resolve()  # the cluster writes here (shared path)
-    _auth_env()
     from ray.job_submission import JobSubmissionClient
 
     try:

@@ -131,7 +131,7 @@ def test_failing_pipeline_does_not_stop_others_then_resume_and_verify(tiny_suite
     # The fix, given to resume: drop the fault knob from the saved config.
     done_before = {n: (s["checksum"], s["mlflow_run_id"], s["ended"]) for n, s in stages.items() if s["status"] == "done"}
     with pytest.raises(ConfigError, match="cannot change the suite's name or stages"):
-        resume_suite(workdir, executor="inprocess", progress=False, overrides=["tasks=[sal]"])
+        resume_suite(workdir, executor="inprocess", progress=False, overrides=["references=true"])
     assert resume_suite(workdir, executor="inprocess", progress=False,
                         overrides=["task_overrides.edge.step1.fail_at_iter=null"]) == 0
     meta = json.loads((workdir / "suite.json").read_text())
