@@ -3,7 +3,8 @@ components: local Ray + Ray Train + DeepSpeed (gloo, CPU), MLflow, local and S3 
 
 1. SIGKILL of a Ray Train worker mid-stage: Ray Train restarts the group, the stage continues
    from its last mid-stage checkpoint, the state file counts the extra attempt.
-2. (driver killed mid-stage + resume: tests/test_cluster_resume.py)
+2. SIGKILL of the driver mid-stage: ``resume`` finishes the suite, finished stages keep their
+   checksums and MLflow runs, the interrupted stage continues from its last checkpoint.
 3. a truncated finished checkpoint: consumers refuse it, resume re-runs it and its downstream.
 4. NaN loss in one sub-task: its stage fails fast naming task, step and iteration; the other
    pipeline finishes; the suite ends failed; resume after the fix runs only what is left.
@@ -178,10 +179,11 @@ def _run_in_thread(fn, *args, **kwargs) -> tuple[threading.Thread, dict]:
     return thread, box
 
 
-def _wait(workdir: Path, thread: threading.Thread, ready, timeout: float = 400.0) -> dict[str, dict]:
+def _wait(workdir: Path, alive, ready, timeout: float = 400.0) -> dict[str, dict]:
+    """Poll the state file until ``ready(stages)``; ``alive()`` must hold meanwhile."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        assert thread.is_alive(), "the driver finished before the fault could be injected"
+        assert alive(), "the driver finished before the fault could be injected"
         if (workdir / "store" / "state.json").exists():
             stages = _stages(workdir)
             if ready(stages):
@@ -190,24 +192,24 @@ def _wait(workdir: Path, thread: threading.Thread, ready, timeout: float = 400.0
     raise AssertionError("timed out waiting for the stage to reach the fault point")
 
 
-def test_worker_kill_nan_storage_blip_corruption_and_idempotent_resume(ray_cluster, ray_with_faults, tiny_suite,
-                                                                        tmp_path, monkeypatch, capsys):
+def test_worker_kill_nan_storage_blip_driver_kill_corruption_and_idempotent_resume(
+        ray_cluster, ray_with_faults, tiny_suite, tmp_path, monkeypatch, capsys):
+    """Faults 1, 2, 3, 4, 5 and 7 in one suite's life (each Ray Train run costs ~15 s of start-up
+    here, so they share runs); downstream re-runs after corruption: test_cluster_units.py."""
     monkeypatch.setattr(storage_mod, "WRITE_BACKOFF_S", 0.01)
     rules, hits_dir = ray_with_faults, ray_with_faults.with_name(ray_with_faults.name + ".hits")
     # One failed write of the base's weights, in the middle of the upload (fault 5, retried).
     rules.write_text(json.dumps([{"key": "base/model.safetensors", "error": "full", "times": 1, "after_bytes": 512}]))
     workdir = tmp_path / "run"
-    # One step per pipeline keeps the number of Ray Train runs (about 20 s of start-up each here)
-    # down; re-running downstream stages after corruption is covered in test_cluster_units.py.
+    long = {"iters": 60, "eval_every": 60, "ckpt_every": 4}  # long enough to be caught mid-way
     raw = tiny_suite("faults", tasks=["sal", "edge"], steps=["step1"], iters=2,
-                     task_overrides={"sal": {"step1": {"iters": 60, "eval_every": 60, "ckpt_every": 4}},  # killed mid-way
-                                     # fault 4: NaN once 2 iterations are done
-                                     "edge": {"step1": {"iters": 4, "eval_every": 4, "fail_at_iter": 2}}})
+                     task_overrides={"sal": {"step1": long},
+                                     "edge": {"step1": {**long, "fail_at_iter": 2}}})  # fault 4: NaN at iteration 2
     cfg = validate_suite(raw, workdir=str(workdir))
     thread, box = _run_in_thread(run_suite, cfg, workdir, progress=False)
 
     # Fault 1: SIGKILL the rank-0 Ray Train worker of sal/step1 once it has a mid-stage checkpoint.
-    st = _wait(workdir, thread, lambda s: (s["sal/step1"].get("checkpoint_iteration") or 0) >= 8
+    st = _wait(workdir, thread.is_alive, lambda s: (s["sal/step1"].get("checkpoint_iteration") or 0) >= 8
                and s["sal/step1"].get("worker_pid"))["sal/step1"]
     killed_at = st["checkpoint_iteration"]
     os.kill(st["worker_pid"], signal.SIGKILL)
@@ -236,13 +238,31 @@ def test_worker_kill_nan_storage_blip_corruption_and_idempotent_resume(ray_clust
     assert _tmp_leftovers(workdir / "store") == []
     capsys.readouterr()
 
-    # Resume after the fix: only edge's pipeline runs.
+    # Resume after the fix (`launcher resume --set`, a separate driver process on this Ray
+    # cluster): only edge's stage runs. Fault 2: SIGKILL that driver mid-stage.
     done = {n: (s["checksum"], s["ended"], s["mlflow_run_id"]) for n, s in stages.items() if s["status"] == "done"}
-    assert resume_suite(workdir, progress=False, overrides=["task_overrides.edge.step1.fail_at_iter=null"]) == 0
+    address = ray_cluster.get_runtime_context().gcs_address
+    with open(tmp_path / "driver.log", "w") as log:
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "launcher", "resume", "--workdir", str(workdir), "--address", address,
+             "--set", "task_overrides.edge.step1.fail_at_iter=null", "--no-progress"],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            mid = _wait(workdir, lambda: driver.poll() is None,
+                        lambda s: s["edge/step1"]["attempts"] == 2 and (s["edge/step1"].get("checkpoint_iteration") or 0) >= 8)
+        finally:
+            driver.kill()
+            driver.wait()
+    assert _stages(workdir)["edge/step1"]["status"] == "running"  # as the killed driver left it
+    assert resume_suite(workdir, progress=False) == 0
     after = _stages(workdir)
     assert all(s["status"] == "done" for s in after.values())
     assert {n: (after[n]["checksum"], after[n]["ended"], after[n]["mlflow_run_id"]) for n in done} == done
-    assert after["edge/step1"]["mlflow_run_id"] == edge["mlflow_run_id"]
+    edge_result = json.loads((workdir / "store/edge/step1/result.json").read_text())
+    assert edge_result["resumed_from"] >= mid["edge/step1"]["checkpoint_iteration"] and edge_result["iterations"] == 60
+    assert after["edge/step1"]["attempts"] == 3
+    assert after["edge/step1"]["mlflow_run_id"] == edge["mlflow_run_id"]  # one MLflow run across all attempts
+    assert json.loads((workdir / "suite.json").read_text())["overrides"] == ["task_overrides.edge.step1.fail_at_iter=null"]
 
     # Fault 7: resume after completion changes nothing — files, state, MLflow runs.
     from mlflow.tracking import MlflowClient
@@ -255,6 +275,9 @@ def test_worker_kill_nan_storage_blip_corruption_and_idempotent_resume(ray_clust
                       for r in found)
 
     tree, mlflow_runs = _tree(workdir / "store"), runs()
+    finished = client.search_runs([read_state(workdir)["mlflow_experiment_id"]])
+    assert sorted(r.info.run_name for r in finished) == ["base", "edge/step1", "faults", "sal/step1"]
+    assert all(r.info.status == "FINISHED" for r in finished)
     for _ in range(2):
         assert resume_suite(workdir, progress=False) == 0
         assert _tree(workdir / "store") == tree and runs() == mlflow_runs
