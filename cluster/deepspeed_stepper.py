@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import math
 from pathlib import Path
@@ -29,17 +28,9 @@ log = logging.getLogger(__name__)
 
 def load_ds_config(path: str | Path) -> dict:
     """Read a DeepSpeed JSON (``configs/deepspeed/zero*.json``); errors name the file."""
-    from mtshare.config import ConfigError
+    from mtshare.config import ConfigError, read_mapping
 
-    path = Path(path)
-    try:
-        cfg = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"deepspeed: {path}: file not found") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"deepspeed: {path}: not valid JSON ({e.msg}, line {e.lineno})") from None
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"deepspeed: {path}: the top level must be an object")
+    cfg = read_mapping(path, "JSON", field="deepspeed")
     stage = cfg.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2):
         raise ConfigError(f"deepspeed: {path}: zero_optimization.stage {stage!r} is not supported (0, 1 or 2)")

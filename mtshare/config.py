@@ -210,18 +210,31 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def read_mapping(path: str | Path, fmt: Literal["YAML", "JSON"] = "YAML", field: str = "") -> dict:
+    """A YAML (safe loader) or JSON file whose top level is a mapping. Errors are
+    :class:`ConfigError` naming the file, after ``field`` when the file comes from a config field."""
+    import json
+
+    path = Path(path)
+    where = f"{field}: {path}" if field else str(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: file not found") from None
+    try:
+        raw = yaml.safe_load(text) if fmt == "YAML" else json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{where}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML ({e.__class__.__name__})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping")
+    return raw
+
+
 def load_suite_config(path: str | Path, overrides: list[str] = (), workdir: str | None = None) -> SuiteConfig:
     """Read, override and validate a suite YAML. Raises :class:`ConfigError` naming the field."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e.__class__.__name__})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
-    raw = apply_overrides(raw, list(overrides))
+    raw = apply_overrides(read_mapping(path), list(overrides))
     return validate_suite(raw, source=str(path), workdir=workdir)
 
 
