@@ -37,18 +37,35 @@ class SynthConfig(_Strict):
     seed: int = 0
 
 
+def _absolute(path: str) -> str:
+    """Relative paths are relative to where the launcher runs; stages run elsewhere (Ray Train
+    workers change directory), so paths are made absolute when the config is read."""
+    return str(Path(path).expanduser().absolute())
+
+
 class DatasetConfig(_Strict):
     name: Literal["pascal_context", "nyud"]
-    root: str = Field(description="dataset root in the real on-disk layout")
+    root: str = Field(description="dataset root in the real on-disk layout (relative: to the current directory)")
     img_size: int = Field(gt=0, description="train crop / val pad size (must be divisible by the patch size)")
     synthesize: SynthConfig | None = Field(None, description="generate synthetic data here on first use")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+
+    @field_validator("root")
+    @classmethod
+    def _root_absolute(cls, v: str) -> str:
+        return _absolute(v)
 
 
 class ModelConfig(_Strict):
     flavor: str = Field("vit_debug", description="vit_debug | vit_tiny | vit_small | vit_base | vit_large")
     patch_size: int = Field(16, gt=0)
     pretrained: str | None = Field(None, description="local weight file or timm model name; loaded strictly")
+
+    @field_validator("pretrained")
+    @classmethod
+    def _local_file_absolute(cls, v: str | None) -> str | None:
+        looks_like_file = v and not v.startswith("hf-hub:") and ("/" in v or Path(v).suffix in (".safetensors", ".pth", ".pt", ".bin"))
+        return _absolute(v) if looks_like_file or (v and Path(v).exists()) else v
 
     @field_validator("flavor")
     @classmethod

@@ -3,6 +3,7 @@ end, and a stage on 2 workers with DeepSpeed ZeRO-2 (S3 storage: test_cluster_mu
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -26,11 +27,19 @@ def _cfg(raw: dict, workdir: Path):
 
 @pytest.fixture(scope="module")
 def finished_suite(ray_local, tiny_suite, tmp_path_factory):
-    """Base + one sub-task (step1 → step2) + its step0 reference, one worker per stage."""
-    workdir = tmp_path_factory.mktemp("suite") / "run"
+    """Base + one sub-task (step1 → step2) + its step0 reference, one worker per stage. Run the
+    way `make demo` runs: work directory and dataset root *relative* to the current directory
+    (Ray Train workers run in another directory: paths must be made absolute before they go)."""
+    here = tmp_path_factory.mktemp("suite")
     raw = tiny_suite("e2e", tasks=["sal"], steps=["step1", "step2"], references=True)
-    rc = run_suite(_cfg(raw, workdir), workdir, config_path="tiny.yaml", overrides=[], progress=False)
-    return rc, raw, workdir
+    relative = {**raw, "dataset": {**raw["dataset"], "root": os.path.relpath(raw["dataset"]["root"], here)}}
+    cwd = os.getcwd()
+    os.chdir(here)
+    try:
+        rc = run_suite(_cfg(relative, Path("run")), Path("run"), config_path="tiny.yaml", overrides=[], progress=False)
+    finally:
+        os.chdir(cwd)
+    return rc, raw, here / "run"
 
 
 def test_suite_end_to_end_state_mlflow_and_checkpoints_agree(finished_suite, capsys):
