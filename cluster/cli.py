@@ -33,7 +33,7 @@ from mtshare.config import ConfigError, SuiteConfig, validate_suite
 from mtshare.stages import plan
 
 from cluster.state import STATE_KEY, status_view
-from cluster.storage import LocalStorage, Storage, StorageError, open_storage
+from cluster.storage import LocalStorage, Storage, StorageError, open_storage, unwrap
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SUITE_FILE = "suite.json"
@@ -43,20 +43,20 @@ DATA_CHECK_IDS = 50  # ids per split whose label files `run` decodes before star
 
 # --- the work directory ---------------------------------------------------------------------
 
-def _check_workdir(workdir: Path) -> None:
-    """The work directory can be created (or written) by this user, checked without writing."""
-    workdir = Path(workdir)
-    probe = workdir
+def _check_writable(path: Path, what: str) -> None:
+    """``path`` can be created (or written) by this user, checked without writing: its nearest
+    existing ancestor must be a directory we may write into. ``what`` leads the error line."""
+    probe = Path(path)
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir():
-        raise ConfigError(f"--workdir {workdir}: not writable ({probe} is not a directory)")
+        raise ConfigError(f"{what}: not writable ({probe} is not a directory)")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"--workdir {workdir}: not writable ({probe} is read-only for this user)")
+        raise ConfigError(f"{what}: not writable ({probe} is read-only for this user)")
 
 
 def _prepare_workdir(workdir: Path) -> Path:
-    """Create the work directory (checked beforehand by :func:`_check_workdir`)."""
+    """Create the work directory (checked beforehand by :func:`_check_writable`)."""
     workdir = Path(workdir)
     try:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -77,12 +77,8 @@ def suite_storage(cfg: SuiteConfig, workdir: Path) -> Storage:
 
 def _check_storage(storage: Storage) -> None:
     """Reachable and writable, checked without writing anything."""
-    if isinstance(storage, LocalStorage):
-        probe = storage.root
-        while not probe.exists():
-            probe = probe.parent
-        if not os.access(probe, os.W_OK):
-            raise ConfigError(f"storage: {storage.uri}: not writable ({probe} is read-only for this user)")
+    if isinstance(unwrap(storage), LocalStorage):
+        _check_writable(storage.root, f"storage: {storage.uri}")
         return
     try:
         storage.check()
@@ -99,9 +95,12 @@ def _tracking_uri(cfg: SuiteConfig, workdir: Path) -> str:
 def _check_suite_file(workdir: Path, cfg: SuiteConfig) -> None:
     """A second ``run`` into the same workdir must bring the same resolved config."""
     path = workdir / SUITE_FILE
-    if path.exists() and json.loads(path.read_text()).get("config") != cfg.model_dump(mode="json"):
-        raise ConfigError(f"{path}: this workdir holds suite '{json.loads(path.read_text()).get('suite')}' with a "
-                          f"different config; use `launcher resume --workdir {workdir}` or another --workdir")
+    if not path.exists():
+        return
+    saved = json.loads(path.read_text())
+    if saved.get("config") != cfg.model_dump(mode="json"):
+        raise ConfigError(f"{path}: this workdir holds suite '{saved.get('suite')}' with a different config; "
+                          f"use `launcher resume --workdir {workdir}` or another --workdir")
 
 
 def _write_suite_file(workdir: Path, cfg: SuiteConfig, storage: Storage, config_path: Any, overrides: list[str]) -> None:
@@ -206,7 +205,7 @@ def run_suite(cfg: SuiteConfig, workdir: Path, config_path: Any = None, override
     Running again into the same workdir with the same config continues the suite (as resume).
     Bad input raises ConfigError (or DataError) before anything is written under the workdir."""
     workdir = Path(workdir)
-    _check_workdir(workdir)
+    _check_writable(workdir, f"--workdir {workdir}")
     storage = suite_storage(cfg, workdir)
     _check_suite_file(workdir, cfg)
     ds_config = _ds_config(cfg)
@@ -286,9 +285,7 @@ def _drive(cfg: SuiteConfig, workdir: Path, storage: Storage, ds_config: dict, e
     from cluster.scheduler import DriverLock, SuiteDriver, check_state_owner
 
     lock = DriverLock(workdir)
-    if lock.path.exists() and lock._holder_alive():  # read-only early answer; __enter__ below decides
-        raise ConfigError(f"{lock.path}: another driver ({lock.path.read_text().strip()}) is running this suite; "
-                          f"wait for it or stop it first")
+    lock.check_free()  # read-only early answer; taking the lock below decides
     _check_pretrained(cfg)
     _check_dataset(cfg)
     _check_storage(storage)

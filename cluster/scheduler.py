@@ -63,12 +63,13 @@ def remaining_work(specs: dict[str, StageSpec]) -> dict[str, float]:
     return work
 
 
-def check_state_owner(storage: Storage, cfg: SuiteConfig, workdir: Path) -> None:
+def check_state_owner(storage: Storage, cfg: SuiteConfig, workdir: Path) -> StateBook | None:
     """A storage area belongs to one suite run from one workdir: another suite (or the same
-    suite started from another workdir) must not take over its state and checkpoints."""
+    suite started from another workdir) must not take over its state and checkpoints.
+    Returns the state found there (None for a fresh storage area)."""
     book = StateBook.load(storage)
     if book is None:
-        return
+        return None
     state = book.state
     names = [s.name for s in plan(cfg)]
     if state.get("suite") != cfg.name or book.names() != names:
@@ -78,6 +79,7 @@ def check_state_owner(storage: Storage, cfg: SuiteConfig, workdir: Path) -> None
     if owner and owner != str(Path(workdir).resolve()):
         raise ConfigError(f"storage: {storage.uri} belongs to the run in workdir {owner}; resume it there "
                           f"(`launcher resume --workdir {owner}`) or give this run another storage")
+    return book
 
 
 class _SafeTracker:
@@ -113,15 +115,19 @@ class DriverLock:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                if self._holder_alive():
-                    raise ConfigError(f"{self.path}: another driver ({self.path.read_text().strip()}) is running "
-                                      f"this suite; wait for it or stop it first") from None
-                self.path.unlink(missing_ok=True)
+                self.check_free()
+                self.path.unlink(missing_ok=True)  # left by a dead driver
                 continue
             with os.fdopen(fd, "w") as f:
                 f.write(me)
             return self
         raise ConfigError(f"{self.path}: could not take the driver lock")
+
+    def check_free(self) -> None:
+        """Raise :class:`ConfigError` when a live driver holds the lock (read-only)."""
+        if self.path.exists() and self._holder_alive():
+            raise ConfigError(f"{self.path}: another driver ({self.path.read_text().strip()}) is running "
+                              f"this suite; wait for it or stop it first")
 
     def _holder_alive(self) -> bool:
         try:
@@ -175,8 +181,7 @@ class SuiteDriver:
         return local
 
     def _open_state(self) -> StateBook:
-        check_state_owner(self.storage, self.cfg, self.workdir)
-        book = StateBook.load(self.storage)
+        book = check_state_owner(self.storage, self.cfg, self.workdir)
         if book is None:
             state = new_state(self.cfg.name, list(self.specs.values()))
             state["workdir"] = str(self.workdir.resolve())
@@ -232,7 +237,8 @@ class SuiteDriver:
 
         self.book = self._open_state()
         rerun = self._verify_finished()
-        if not rerun and self.book.state.get("state") == "done" and self.nothing_to_do():
+        all_done = all(self.book.stage(n)["status"] == "done" for n in self.order)
+        if not rerun and all_done and self.book.state.get("state") == "done":
             # A finished, verified suite: resume is idempotent, so touch nothing (state file,
             # MLflow runs, checkpoints) and start nothing.
             self.idle = True
@@ -262,9 +268,6 @@ class SuiteDriver:
             raise
         pool.shutdown(wait=True)
         return self._finish()
-
-    def nothing_to_do(self) -> bool:
-        return self.book is not None and all(self.book.stage(n)["status"] == "done" for n in self.order)
 
     def _loop(self, pool: cf.ThreadPoolExecutor) -> None:
         while True:

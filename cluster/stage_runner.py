@@ -181,7 +181,8 @@ def fetch_resume(storage: Storage, spec: StageSpec, job: dict, out_dir: Path, fm
     meta = storage.read_json(meta_key)
     if meta.get("inputs") != _inputs_of(job) or meta.get("format") != fmt:
         return None  # made from other inputs (an upstream stage was re-run) or another stepper
-    if meta.get("fingerprint", spec.fingerprint()) != spec.fingerprint():
+    fingerprint = spec.fingerprint()
+    if meta.get("fingerprint", fingerprint) != fingerprint:
         return None  # the stage's settings were changed (`resume --set ...`): start it afresh
     try:
         storage.get(meta["key"], out_dir / RESUME_FILE, expected_sha256=meta["sha256"])

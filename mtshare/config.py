@@ -37,6 +37,18 @@ class SynthConfig(_Strict):
     seed: int = 0
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+HUB_PREFIXES = ("hf-hub:", "hf_hub:")  # timm's Hugging Face hub model names
+
+
+def names_weight_file(source: str) -> bool:
+    """Whether a ``model.pretrained`` value means a local weight file (an existing path, a weight
+    suffix, or a path with a directory) rather than a timm / Hugging Face hub model name."""
+    if source.startswith(HUB_PREFIXES):
+        return False
+    return Path(source).exists() or Path(source).suffix in WEIGHT_SUFFIXES or "/" in source
+
+
 def _absolute(path: str) -> str:
     """Relative paths are relative to where the launcher runs; stages run elsewhere (Ray Train
     workers change directory), so paths are made absolute when the config is read."""
@@ -64,8 +76,7 @@ class ModelConfig(_Strict):
     @field_validator("pretrained")
     @classmethod
     def _local_file_absolute(cls, v: str | None) -> str | None:
-        looks_like_file = v and not v.startswith("hf-hub:") and ("/" in v or Path(v).suffix in (".safetensors", ".pth", ".pt", ".bin"))
-        return _absolute(v) if looks_like_file or (v and Path(v).exists()) else v
+        return _absolute(v) if v and names_weight_file(v) else v
 
     @field_validator("flavor")
     @classmethod

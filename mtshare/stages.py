@@ -21,6 +21,8 @@ from mtshare.config import DatasetConfig, ModelConfig, OptimConfig, SuiteConfig
 
 StageKind = Literal["base", "step0", "step1", "step2", "step3"]
 MODEL_FILE = "model.safetensors"
+# Settings that do not change a stage's result (left out of StageSpec.fingerprint).
+BOOKKEEPING = {"optim": ("log_every", "ckpt_every", "fail_at_iter"), "dataset": ("num_workers", "synthesize")}
 
 
 class StageSpec(BaseModel):
@@ -57,14 +59,10 @@ class StageSpec(BaseModel):
         intervals, data-loader workers, the fault knob) is left out: changing it on ``resume``
         does not make a finished stage stale; changing anything else does."""
         d = self.model_dump(mode="json")
-        for key in BOOKKEEPING["optim"]:
-            d["optim"].pop(key, None)
-        for key in BOOKKEEPING["dataset"]:
-            d["dataset"].pop(key, None)
+        for section, keys in BOOKKEEPING.items():
+            for key in keys:
+                d[section].pop(key, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
-
-
-BOOKKEEPING = {"optim": ("log_every", "ckpt_every", "fail_at_iter"), "dataset": ("num_workers", "synthesize")}
 
 
 def stage_name(task: str, kind: str) -> str:

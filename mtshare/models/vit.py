@@ -140,9 +140,6 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor]) -> dict[str, torch
     return out
 
 
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
-
-
 def _audit_keys(source: str, got: dict[str, tuple], own: dict[str, tuple], error=ValueError) -> None:
     """Strict key / shape audit of foreign weights (names and shapes only) against the encoder's."""
     missing = sorted(set(own) - set(got))
@@ -166,19 +163,18 @@ def check_pretrained(model_cfg) -> None:
     onto the meta device) must match the encoder exactly, as :func:`load_pretrained` will demand
     in the base stage. A timm model name is checked to exist (its download happens in the stage).
     Raises :class:`mtshare.config.ConfigError` naming the field and file."""
-    from mtshare.config import ConfigError
+    from mtshare.config import HUB_PREFIXES, ConfigError, names_weight_file
 
     source = getattr(model_cfg, "pretrained", None)
     if not source:
         return
     path = Path(source)
     if not path.exists():
-        hub = source.startswith(("hf-hub:", "hf_hub:"))
-        if path.suffix in WEIGHT_SUFFIXES or ("/" in source and not hub):
+        if names_weight_file(source):
             raise ConfigError(f"model.pretrained: {source}: file not found")
         import timm
 
-        if not (hub or timm.is_model(source)):
+        if not (source.startswith(HUB_PREFIXES) or timm.is_model(source)):
             raise ConfigError(f"model.pretrained: '{source}' is neither a file nor a timm model name")
         return
     if not path.is_file():
