@@ -61,6 +61,8 @@ class DatasetConfig(_Strict):
     img_size: int = Field(gt=0, description="train crop / val pad size (must be divisible by the patch size)")
     synthesize: SynthConfig | None = Field(None, description="generate synthetic data here on first use")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    holdout: int = Field(32, ge=0, description="images at the end of the train split that no stage trains on: "
+                         "the calibration set of the sub-tasks' operating points (never the val split)")
 
     @field_validator("root")
     @classmethod
@@ -102,10 +104,18 @@ class OptimConfig(_Strict):
     poly_power: float = Field(0.9, gt=0)
     warmup_iters: int = Field(0, ge=0)
     grad_clip: float | None = Field(1.0, description="max global grad norm over trained tensors; null = off")
-    l0_lambda: float = Field(0.0, ge=0, description="step1 L0 penalty weight λ")
-    act_l1: float = Field(0.0, ge=0, description="step3 activation-difference L1 weight c")
-    act_tau: float = Field(0.0, ge=0, description="threshold τ on |x_s − x_b| used when a result reports "
-                           "delta-activation sparsity and shared FLOPs (0 = exact)")
+    l0_lambda: float = Field(0.0, ge=0, description="step1 fixed L0 weight λ on the expected non-zero count "
+                             "(the reference's form); use target_weight_sparsity instead to get a sparsity")
+    target_weight_sparsity: float | None = Field(
+        None, ge=0, lt=1, description="step1: fraction of zero delta weights to reach; λ (on the mean expected "
+        "L0) is adapted during training and the smallest deltas are closed at the end if it falls short")
+    act_penalty: Literal["row", "element"] = Field(
+        "row", description="step3 penalty: 'row' = group lasso on the token rows of the four linear inputs the "
+        "engine thresholds, normalised by the base rows' norm and by the task loss (weight act_row); 'element' = the reference's c·Σ|a_s − a_b| on six outputs "
+        "(weight act_l1)")
+    act_row: float = Field(0.0, ge=0, description="step3 weight of the row penalty (act_penalty: row), relative to "
+                           "the task loss: 1.0 adds the task loss x the mean relative row delta")
+    act_l1: float = Field(0.0, ge=0, description="step3 weight c of the reference's element L1 (act_penalty: element)")
     eval_every: int = Field(100, gt=0)
     edge_thresholds: int = Field(99, gt=0, description="ODS-F thresholds for edge evaluation (99 = BSDS; fewer is faster)")
     ckpt_every: int = Field(50, gt=0, description="mid-stage resume checkpoint interval (iterations)")
@@ -116,15 +126,28 @@ class OptimConfig(_Strict):
     def _warmup_fits(self) -> "OptimConfig":
         if self.warmup_iters >= self.iters:
             raise ValueError(f"warmup_iters ({self.warmup_iters}) must be < iters ({self.iters})")
+        if self.target_weight_sparsity is not None and self.l0_lambda > 0:
+            raise ValueError("l0_lambda: set either a fixed l0_lambda or target_weight_sparsity, not both")
         return self
+
+
+class CalibrationConfig(_Strict):
+    """The operating point of every sub-task: per-layer τ calibrated after its last sharing step on
+    the ``dataset.holdout`` images, so that its metric stays within ``tolerance`` (relative) of its
+    exact (τ = 0) metric. ``margin`` < 1 aims below the tolerance on the calibration images, to
+    leave room for the val split."""
+
+    tolerance: float = Field(0.01, gt=0, lt=1, description="allowed relative metric loss vs τ = 0")
+    margin: float = Field(0.5, gt=0, le=1, description="calibrate to margin × tolerance")
+    steps: int = Field(10, gt=0, description="bisection steps on the kept row density")
 
 
 class StagesConfig(_Strict):
     base: OptimConfig = OptimConfig()
     step0: OptimConfig = OptimConfig()
-    step1: OptimConfig = OptimConfig(l0_lambda=5e-8)
+    step1: OptimConfig = OptimConfig(target_weight_sparsity=0.9)
     step2: OptimConfig = OptimConfig()
-    step3: OptimConfig = OptimConfig(act_l1=2.5e-10)
+    step3: OptimConfig = OptimConfig(act_row=0.5)
 
 
 class ResourcesConfig(_Strict):
@@ -152,6 +175,7 @@ class SuiteConfig(_Strict):
     device: Literal["cpu", "cuda"] = "cpu"
     precision: Literal["fp32", "bf16"] = "fp32"
     seed: int = 0
+    calibration: CalibrationConfig = CalibrationConfig()
     resources: ResourcesConfig = ResourcesConfig()
     deepspeed: str = Field("configs/deepspeed/zero2.json", description="DeepSpeed JSON (ZeRO stage etc.)")
     storage: str | None = Field(None, description="local path or s3://bucket/prefix; default {workdir}/store")

@@ -93,6 +93,9 @@ class SparsePolicy:
     gather_max: float = 0.8
     csr_act_max: float = 0.05
     csr_weight_max: float = 0.15
+    # A CSR-weight layer without a τ (exact), or whose fitted τ keeps too many rows to pay, runs
+    # merged (never above its dense cost). False keeps CSR layers sparse (path tests, benches).
+    never_above_dense: bool = True
 
 
 class CSRMatrix:
@@ -185,10 +188,20 @@ class TaskStats:
     theoretical_flops: float = 0.0
     act_density: dict[str, float] = field(default_factory=dict)  # entries of T_τ(x_s − x_b) ≠ 0, per linear
     row_density: dict[str, float] = field(default_factory=dict)  # tokens with a non-zero delta row
+    rows_run: dict[str, float] = field(default_factory=dict)  # fraction of the layer's rows the paths ran
+    layer_flops: dict[str, float] = field(default_factory=dict)  # dense FLOPs of the layer (per image)
     paths: dict[str, str] = field(default_factory=dict)  # "<activation path>+<weight path>" per linear
 
     def path_counts(self) -> dict[str, int]:
         return dict(Counter(self.paths.values()))
+
+    @property
+    def rows_skipped(self) -> float | None:
+        """Fraction of the encoder linears' token rows not computed, weighted by their FLOPs."""
+        total = sum(self.layer_flops.values())
+        if not total:
+            return None
+        return sum((1.0 - self.rows_run[k]) * f for k, f in self.layer_flops.items()) / total
 
     def to_dict(self) -> dict:
         n = len(self.act_density)
@@ -196,6 +209,7 @@ class TaskStats:
             "executed_flops": self.executed_flops, "theoretical_flops": self.theoretical_flops,
             "act_density": sum(self.act_density.values()) / n if n else None,
             "row_density": sum(self.row_density.values()) / n if n else None,
+            "rows_skipped": self.rows_skipped,
             "paths": self.path_counts(),
         }
 
@@ -237,7 +251,7 @@ class SharedEngine(nn.Module):
                  base_head: DenseHead | Mapping[str, torch.Tensor],
                  subtasks: Mapping[str, tuple[Mapping[str, torch.Tensor], DenseHead | Mapping[str, torch.Tensor]]],
                  *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 policy: SparsePolicy | None = None, threshold_mode: str = "token"):
+                 policy: SparsePolicy | None = None, threshold_mode: str = "token", collect_stats: bool = False):
         super().__init__()
         if threshold_mode not in ("token", "element"):
             raise ValueError(f"threshold_mode must be 'token' or 'element', got '{threshold_mode}'")
@@ -249,7 +263,7 @@ class SharedEngine(nn.Module):
         self.threshold_mode = threshold_mode
         self.device = torch.device(device)
         self.dtype = dtype
-        self.collect_stats = True  # count FLOPs / densities (one extra pass per dense-weight layer)
+        self.collect_stats = collect_stats  # count FLOPs / densities (extra reductions and host syncs): reports
         self.last_stats: dict[str, TaskStats] = {}
         self.thresholds: dict[str, dict[str, float]] = {t: {} for t in subtasks}
         self._fit_density: dict[str, float] | None = None
@@ -510,14 +524,16 @@ class SharedEngine(nn.Module):
             lin = sub.linears[name]
             x_s = xs[sub.name]
             st = self._stats.get(sub.name) if self._stats else None
-            if lin.mode == "dense":  # (c) the delta weight is too dense to pay: one merged GEMM, exact
-                ys[sub.name] = F.linear(x_s, lin.merged_w, lin.merged_b)
+            merged = lin.mode == "dense" or (lin.mode == "csr" and self._runs_merged(sub.name, name))
+            if merged:  # (c) one GEMM with the merged weight W_b + M ⊙ δ: exact, the layer's dense cost
+                w_m, b_m = self._merged(name, lin)
+                ys[sub.name] = F.linear(x_s, w_m, b_m)
                 if st is not None:
                     diff = (x_s - x_b).reshape(n, d_in)
                     nnz = int(torch.count_nonzero(diff))
                     rows = float((diff.abs().amax(dim=1) > 0).float().mean())
-                    self._record(st, name, "merged", nnz / (n * d_in), rows, executed=2.0 * n * d_in * d_out,
-                                 theoretical=2.0 * (nnz * d_out + n * lin.weight_nnz))
+                    self._record(st, name, "merged", nnz / (n * d_in), rows, 1.0, executed=2.0 * n * d_in * d_out,
+                                 theoretical=2.0 * (nnz * d_out + n * lin.weight_nnz), dense=2.0 * n * d_in * d_out)
                 continue
 
             delta = (x_s - x_b).reshape(n, d_in)
@@ -530,6 +546,16 @@ class SharedEngine(nn.Module):
             rows = rowmax >= tau if (tau > 0 and self.threshold_mode == "token") else rowmax > 0
             idx = rows.nonzero().squeeze(1)
             r = idx.numel() / n
+            if self._fitting(sub.name) and lin.mode == "csr" and not self._sparse_pays(r, lin):
+                # Fitting: at this τ the kept rows plus the CSR weight would cost more than the
+                # merged layer, so the plan runs this layer merged (exact): it keeps no τ.
+                self.thresholds[sub.name].pop(name, None)
+                w_m, b_m = self._merged(name, lin)
+                ys[sub.name] = F.linear(x_s, w_m, b_m)
+                if st is not None:
+                    self._record(st, name, "merged", 1.0, 1.0, 1.0, executed=2.0 * n * d_in * d_out,
+                                 theoretical=2.0 * n * (d_in * d_out + lin.weight_nnz), dense=2.0 * n * d_in * d_out)
+                continue
 
             y = y_b.reshape(n, d_out)
             if lin.mode == "csr":  # (a) sparse delta weight on every token, written with y_b (+ δ_bias)
@@ -540,11 +566,11 @@ class SharedEngine(nn.Module):
                 y = y.clone()
             nnz = None
             if r == 0:
-                act, ex_act = "skip", 0.0
+                act, ex_act, run = "skip", 0.0, 0.0
             elif r <= self.policy.gather_max:  # (b) skip zero rows: gather now, GEMM below
                 rows_delta = delta.index_select(0, idx)
                 gathered.append((sub.name, idx, rows_delta))
-                act, ex_act = "gather", 2.0 * idx.numel() * d_in * d_out
+                act, ex_act, run = "gather", 2.0 * idx.numel() * d_in * d_out, r
                 if st is not None:
                     nnz = int(torch.count_nonzero(rows_delta))
             else:
@@ -555,29 +581,57 @@ class SharedEngine(nn.Module):
                 if self.threshold_mode == "element" and nnz / (n * d_in) <= self.policy.csr_act_max:
                     # (a) unstructured sparse activations: CSR(delta) @ W_bᵀ
                     y += CSRMatrix(delta).matmul(self._weight_t(name))
-                    act, ex_act = "csr", 2.0 * nnz * d_out
+                    act, ex_act, run = "csr", 2.0 * nnz * d_out, nnz / (n * d_in)
                 else:  # (c) dense: one GEMM on the thresholded delta
                     y.addmm_(delta, w_b.t())
-                    act, ex_act = "dense", 2.0 * n * d_in * d_out
+                    act, ex_act, run = "dense", 2.0 * n * d_in * d_out, 1.0
             ys[sub.name] = y
             if st is not None:
                 nnz = 0 if nnz is None else nnz
-                self._record(st, name, f"{act}+{lin.mode}", nnz / (n * d_in), r,
+                self._record(st, name, f"{act}+{lin.mode}", nnz / (n * d_in), r, run,
                              executed=ex_act + 2.0 * n * lin.weight_nnz,
-                             theoretical=2.0 * (nnz * d_out + n * lin.weight_nnz))
+                             theoretical=2.0 * (nnz * d_out + n * lin.weight_nnz), dense=2.0 * n * d_in * d_out)
         if gathered:  # (b) one GEMM with W_b over the surviving rows of every sub-task, scatter-add
             z = F.linear(torch.cat([rows for _, _, rows in gathered]), w_b)
             for (task, idx, _), part in zip(gathered, z.split([len(i) for _, i, _ in gathered])):
                 ys[task].index_add_(0, idx, part)
         return y_b, {t: y.reshape(y_b.shape) for t, y in ys.items()}
 
-    def _record(self, st: TaskStats, name: str, path: str, density: float, row_density: float, executed: float,
-                theoretical: float) -> None:
+    def _record(self, st: TaskStats, name: str, path: str, density: float, row_density: float, rows_run: float,
+                executed: float, theoretical: float, dense: float) -> None:
         st.paths[name] = path
         st.act_density[name] = density
         st.row_density[name] = row_density
+        st.rows_run[name] = rows_run
+        st.layer_flops[name] = dense / self._batch
         st.executed_flops += executed / self._batch  # FLOPs are reported per image
         st.theoretical_flops += theoretical / self._batch
+
+    def _sparse_pays(self, rows: float, lin: _DeltaLinear) -> bool:
+        """Whether gathered rows + the CSR delta weight beat the merged layer: in FLOPs, and in
+        time by the measured gather crossover (``SparsePolicy.gather_max``)."""
+        if not self.policy.never_above_dense:
+            return True
+        return rows <= self.policy.gather_max and rows + lin.weight_nnz / lin.weight_numel < 1.0
+
+    def _runs_merged(self, task: str, name: str) -> bool:
+        """The per-layer plan of a CSR layer, fixed by the thresholds (never by the batch, so a
+        model's outputs do not depend on what it is batched with): a layer with a τ runs sparse;
+        one without (exact) would run every row plus the CSR weight, more than the merged layer,
+        so it runs merged. ``SparsePolicy(never_above_dense=False)`` keeps every layer sparse."""
+        if not self.policy.never_above_dense or self._fitting(task):
+            return False
+        return not self.thresholds[task].get(name)
+
+    def _fitting(self, task: str) -> bool:
+        return self._fit_density is not None and task in self._fit_density
+
+    def _merged(self, name: str, lin: _DeltaLinear) -> tuple[torch.Tensor, torch.Tensor]:
+        """``W_b + M ⊙ δ`` (and bias) of a CSR layer, built on first use and kept."""
+        if lin.merged_w is None:
+            merged = self._merged_linear(name, lin)
+            lin.merged_w, lin.merged_b = merged[f"{name}.weight"], merged[f"{name}.bias"]
+        return lin.merged_w, lin.merged_b
 
     def _weight_t(self, name: str) -> torch.Tensor:
         """``W_bᵀ`` contiguous (the table of the CSR activation product), made on first use."""
@@ -588,7 +642,7 @@ class SharedEngine(nn.Module):
     # --- thresholds -----------------------------------------------------------------------------
 
     def _threshold(self, task: str, name: str, delta: torch.Tensor) -> float:
-        if self._fit_density is not None and task in self._fit_density:
+        if self._fitting(task):
             self.thresholds[task][name] = _tau_for_density(delta, self._fit_density[task], self.threshold_mode)
         return self.thresholds[task].get(name, 0.0)
 

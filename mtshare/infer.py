@@ -1,4 +1,5 @@
-"""Run every task of a trained suite on user images (``launcher infer``).
+"""Run every task of a trained suite on user images (``launcher infer``), through the shared engine
+at the sub-tasks' stored operating points.
 
 Images of any size are prepared like validation images (long side shrunk to the suite's
 ``img_size`` if larger, ImageNet normalisation, bottom/right padding); outputs are cropped back
@@ -17,51 +18,51 @@ import torch.nn.functional as F
 from mtshare import checkpoint as ckpt
 from mtshare.data import read_image
 from mtshare.data.transforms import normalize
-from mtshare.models import DenseTaskModel, build_model
+from mtshare.engine import SharedEngine, _infer_config
 from mtshare.report import STEP_ORDER, load_results
-from mtshare.tasks import get_task
 from mtshare.visualize import colorize, save_panel, to_prediction
 
 
 def final_stages(results: dict[str, dict]) -> dict[str, dict]:
-    """Per task, the stage whose checkpoint serves inference: base, else the last sharing step,
-    else the dense step0 reference."""
+    """Per task, the stage whose checkpoint serves inference: base, else the last sharing step.
+    (A dense step0 reference is a yardstick, never served.)"""
     out = {}
     if "base" in results:
         out[results["base"]["task"]] = results["base"]
     for task in sorted({r["task"] for r in results.values() if r["kind"] != "base"}):
-        for kind in (*STEP_ORDER, "step0"):
+        for kind in STEP_ORDER:
             if f"{task}/{kind}" in results:
                 out[task] = results[f"{task}/{kind}"]
                 break
     return out
 
 
-def load_task_models(store: str | Path) -> tuple[dict[str, DenseTaskModel], dict]:
-    """Dense per-task models (sub-task encoders hold ``W_b + M⊙δ``), verified against the
-    checksums in the results. Returns (models by task, base manifest)."""
+def load_suite_engine(store: str | Path, device: str | torch.device = "cpu", **engine_kw) -> tuple[SharedEngine, dict]:
+    """The trained suite as it is served: one :class:`SharedEngine` over the base and the last
+    sharing step of every sub-task, each at its stored operating point (τ from its checkpoint's
+    manifest; τ = 0, exact, for a step that has none). Every file is verified against the
+    checksum in its result. Returns (engine, base manifest)."""
     store = Path(store)
     results = load_results(store)
     if "base" not in results:
         raise ckpt.CheckpointError(f"{store}: no finished base stage")
+    base_path = store / "base/model.safetensors"
     base_sha = results["base"]["checksum"]
-    base_enc, _, base_manifest = ckpt.load_dense(store / "base/model.safetensors", expected_sha256=base_sha)
-    dataset = base_manifest["dataset"]
-    models = {}
+    base_enc, base_head, base_manifest = ckpt.load_dense(base_path, expected_sha256=base_sha)
+    subtasks, taus = {}, {}
     for task, r in final_stages(results).items():
+        if r["kind"] not in STEP_ORDER:
+            continue
         path = store / r["stage"] / "model.safetensors"
-        m = build_model(base_manifest["model"]["flavor"], base_manifest["model"]["patch_size"], task,
-                        get_task(task).out_channels(dataset))
-        if r["kind"] == "base" or r["kind"] == "step0":
-            enc, head, _ = ckpt.load_dense(path, expected_sha256=r["checksum"])
-        else:
-            deltas, head, _ = ckpt.load_subtask(path, base_sha256=base_sha, expected_sha256=r["checksum"])
-            ckpt.check_keys(path, set(deltas), set(base_enc), "deltas")
-            enc = {k: v + deltas[k].to(v.dtype) for k, v in base_enc.items()}
-        m.encoder.load_state_dict(enc, strict=True)
-        m.head.load_state_dict(head, strict=True)
-        models[task] = m.eval()
-    return models, base_manifest
+        deltas, head, manifest = ckpt.load_subtask(path, base_sha256=base_sha, expected_sha256=r["checksum"])
+        ckpt.check_keys(path, set(deltas), set(base_enc), "deltas")
+        subtasks[task] = (deltas, head)
+        taus[task] = (manifest.get("operating_point") or {}).get("tau") or {}
+    cfg = _infer_config(base_enc, base_manifest)
+    engine = SharedEngine(cfg, base_manifest["task"], base_enc, base_head, subtasks, device=device, **engine_kw)
+    for task, tau in taus.items():
+        engine.set_thresholds(task, tau)
+    return engine, base_manifest
 
 
 def prepare_image(path: Path, size: int, patch: int) -> tuple[torch.Tensor, np.ndarray, tuple[int, int]]:
@@ -80,9 +81,10 @@ def prepare_image(path: Path, size: int, patch: int) -> tuple[torch.Tensor, np.n
 
 @torch.no_grad()
 def infer_images(workdir: str | Path, images: list[str | Path], out_dir: str | Path) -> list[Path]:
-    """Write a panel and raw arrays for every image; returns the panel paths."""
+    """Write a panel and raw arrays for every image; returns the panel paths. All tasks run
+    through the shared engine at their operating points (one base pass per image)."""
     store = Path(workdir) / "store"
-    models, manifest = load_task_models(store)
+    engine, manifest = load_suite_engine(store)
     spec = manifest["spec"]
     size, patch = spec["dataset"]["img_size"], spec["model"]["patch_size"]
     out_dir = Path(out_dir)
@@ -92,8 +94,9 @@ def infer_images(workdir: str | Path, images: list[str | Path], out_dir: str | P
         pictures = {}
         target = out_dir / img_path.stem
         target.mkdir(parents=True, exist_ok=True)
-        for task, model in models.items():
-            out = model(x)[0, :, :ch, :cw]
+        outputs = engine(x)
+        for task, out in outputs.items():
+            out = out[0, :, :ch, :cw]
             out = F.interpolate(out[None], size=rgb.shape[:2], mode="bilinear", align_corners=False)[0]
             pred = to_prediction(task, out)
             np.save(target / f"{task}.npy", pred)

@@ -17,7 +17,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from mtshare.config import DatasetConfig, ModelConfig, OptimConfig, SuiteConfig
+from mtshare.config import CalibrationConfig, DatasetConfig, ModelConfig, OptimConfig, SuiteConfig
 
 StageKind = Literal["base", "step0", "step1", "step2", "step3"]
 MODEL_FILE = "model.safetensors"
@@ -41,6 +41,7 @@ class StageSpec(BaseModel):
     depends_on: list[str] = []
     base_key: str | None = None      # storage key of the frozen base checkpoint (sub-task steps)
     prev_key: str | None = None      # storage key of the previous step's output (step2, step3)
+    calibration: CalibrationConfig | None = None  # the task's last sharing step: calibrate its operating point
 
     @property
     def output_dir_key(self) -> str:
@@ -84,7 +85,8 @@ def plan(cfg: SuiteConfig) -> list[StageSpec]:
             deps = ["base"] + ([prev.name] if prev else [])
             spec = StageSpec(
                 name=stage_name(t, kind), task=t, kind=kind, optim=cfg.optim_for(t, kind), depends_on=deps,
-                base_key=base.output_key, prev_key=prev.output_key if prev else None, **common,
+                base_key=base.output_key, prev_key=prev.output_key if prev else None,
+                calibration=cfg.calibration if kind == cfg.steps[-1] else None, **common,
             )
             stages.append(spec)
             prev = spec

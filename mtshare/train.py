@@ -5,9 +5,11 @@ A :class:`StageSpec` says what differs between stages:
     kind    loads                       trains                   extra loss
     base    (pretrained encoder)        encoder + head           -
     step0   (pretrained encoder)        encoder + head           -
-    step1   base                        δ, gate α, head          λ · L0(α)
+    step1   base                        δ, gate α, head          λ · L0(α)  (λ fixed, or steered to a sparsity)
     step2   base + step1 output         δ on its mask, head      -
-    step3   base + step2 output         δ on its mask, head      c · Σ|a_s − a_b|
+    step3   base + step2 output         δ on its mask, head      activation penalty (rows, or the reference's L1)
+
+A sub-task's last sharing step also calibrates its operating point (``mtshare.operating_point``).
 
 The loop runs on CPU or CUDA, fp32 or bf16, single process or under ``torch.distributed``.
 It knows nothing of Ray or DeepSpeed: a caller that wants DeepSpeed passes a ``wrap``
@@ -32,10 +34,12 @@ from torch.utils.data import DataLoader, Subset
 
 from mtshare import checkpoint as ckpt
 from mtshare import flops
+from mtshare import operating_point as op
 from mtshare.data import DATASETS, build_dataset
 from mtshare.models import DenseTaskModel, build_model, load_pretrained
 from mtshare.models.delta import (
-    ActivationRecorder, add_deltas, base_mode, delta_sparsity, effective_deltas, l0_penalty, set_mode,
+    ActivationRecorder, add_deltas, base_mode, close_smallest, delta_sparsity, effective_deltas, gate_sparsity,
+    l0_penalty, set_mode,
 )
 from mtshare.models.vit import ViTEncoder
 from mtshare.stages import StageSpec
@@ -71,9 +75,50 @@ def is_better(metric: float, best: float | None, higher_is_better: bool) -> bool
     return metric > best if higher_is_better else metric < best
 
 
+# The engine thresholds the token rows of these linears' inputs (norm1 out, attention out,
+# norm2 out, GELU out): the row penalty acts on exactly these.
+LINEAR_INPUTS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+
+# step1 controller (target_weight_sparsity): λ multiplies the *mean* expected L0 (so one value
+# means the same on every model size). Below the target it grows by exp(RATE) per step; at or
+# above the target λ is 0: under Adam any λ > 0 keeps closing gates whose task
+# gradient is weak, so a merely smaller λ would not stop the sparsity from running past it.
+L0_WEIGHT_INIT = 1.0
+L0_WEIGHT_RATE = 0.05
+L0_WEIGHT_RANGE = (0.1, 1e3)  # restart value after a pause, and a ceiling
+# Adam's momentum carries falling gate logits on for ~1/(1 − β1) steps after λ drops, and many
+# logits cross 0 together: the controller acts on the deterministic-gate sparsity extrapolated
+# this many steps ahead at its current rate of increase.
+L0_LOOKAHEAD = 5
+
+
 def activation_l1(sub: list[torch.Tensor], base: list[torch.Tensor]) -> torch.Tensor:
-    """Σ |a_s − a_b| over the recorded activation points (step3 penalty, before its weight c)."""
+    """Σ |a_s − a_b| over the recorded activation points (the reference's step3 penalty, before c)."""
     return sum((s.float() - b.float()).abs().sum() for s, b in zip(sub, base, strict=True))
+
+
+def activation_rows(sub: list[torch.Tensor], base: list[torch.Tensor]) -> torch.Tensor:
+    """Group lasso on token rows, normalised: per recorded linear input, the mean over tokens of
+    ‖x_s − x_b‖₂ divided by the mean ‖x_b‖₂ of the base's rows, averaged over the linears.
+    Scale-free (batch, tokens, width and depth drop out), so its weight means the same on every
+    model; a row whose delta reaches zero is a row the engine skips."""
+    terms = []
+    for s, b in zip(sub, base, strict=True):
+        b = b.float()
+        diff = (s.float() - b).flatten(0, -2)
+        scale = b.flatten(0, -2).norm(dim=1).mean().clamp_min(1e-6)
+        terms.append(diff.norm(dim=1).mean() / scale)
+    return torch.stack(terms).mean()
+
+
+def next_l0_weight(weight: float, sparsity: float, target: float) -> float:
+    """λ for the constraint sparsity ≥ target, kept ≥ 0 (a projected dual ascent in log space):
+    ×exp(RATE) per step while below (restarting from the range's floor after a pause), 0 once
+    the target is met."""
+    if sparsity >= target:
+        return 0.0
+    lo, hi = L0_WEIGHT_RANGE
+    return min(hi, max(lo, weight) * math.exp(L0_WEIGHT_RATE))
 
 
 class Stepper:
@@ -174,9 +219,17 @@ class Trainer:
 
         self.model, self.deltas = build_stage_model(spec, self.base_path, base_sha256, Path(prev_path) if prev_path else None)
         self.model.to(self.device)
-        self.recorder = ActivationRecorder(self.model.encoder, ViTEncoder.ACTIVATION_POINTS) if spec.kind == "step3" else None
+        self.recorder = None
+        if spec.kind == "step3":
+            row = spec.optim.act_penalty == "row"
+            self.recorder = ActivationRecorder(self.model.encoder, LINEAR_INPUTS if row else ViTEncoder.ACTIVATION_POINTS,
+                                               inputs=row)
+        self.l0_weight = L0_WEIGHT_INIT  # step1 with target_weight_sparsity: the controller's λ
+        self.last_gate_sparsity: float | None = None
         self._setup_data()
         self._setup_optimizer(wrap)
+        self.n_delta = sum(d.delta.numel() for d in self.deltas.values())
+        self.closed_at_end = 0
         self.iteration = 0
         self.epoch = 0
         self.best: float | None = None
@@ -187,8 +240,17 @@ class Trainer:
         d = self.spec.dataset
         train_set = build_dataset(d.name, d.root, "train", [self.spec.task], train=True, img_size=d.img_size)
         val_set = build_dataset(d.name, d.root, "val", [self.spec.task], train=False, img_size=d.img_size)
-        if len(train_set) < self.spec.optim.batch_size * self.world_size:
-            raise StageFailure(f"{self.spec.name}: {len(train_set)} training images < one global batch")
+        # The last dataset.holdout images of the train split train no stage: they calibrate the
+        # operating points (with val transforms), so the val split stays unseen.
+        n_fit = len(train_set) - d.holdout
+        if n_fit < self.spec.optim.batch_size * self.world_size:
+            raise StageFailure(f"{self.spec.name}: {len(train_set)} training images minus dataset.holdout "
+                               f"{d.holdout} < one global batch")
+        self.holdout_set = Subset(
+            build_dataset(d.name, d.root, "train", [self.spec.task], train=False, img_size=d.img_size),
+            list(range(n_fit, len(train_set))))
+        self.full_val_set = val_set
+        train_set = Subset(train_set, list(range(n_fit)))
         self.train_sampler = torch.utils.data.DistributedSampler(
             train_set, num_replicas=self.world_size, rank=self.rank, shuffle=True, seed=self.spec.seed, drop_last=True
         )
@@ -239,14 +301,24 @@ class Trainer:
                 pred = self.forward_model(x)
             task_loss = self.task.loss(pred.float(), target) * self.task.loss_weight
             loss = task_loss
-            if self.spec.kind == "step1" and o.l0_lambda > 0:
+            if self.spec.kind == "step1" and o.target_weight_sparsity is not None:
+                l0 = l0_penalty(self.deltas)
+                loss = loss + self.l0_weight * l0 / self.n_delta
+                logs.update(l0=l0.item(), l0_weight=self.l0_weight)
+            elif self.spec.kind == "step1" and o.l0_lambda > 0:
                 l0 = l0_penalty(self.deltas)
                 loss = loss + o.l0_lambda * l0
                 logs["l0"] = l0.item()
             if self.recorder is not None:
-                act = activation_l1(sub_acts, base_acts)
-                loss = loss + o.act_l1 * act
-                logs["act_l1"] = act.item()
+                if o.act_penalty == "row":
+                    # relative to the task loss too: one act_row suits tasks whose losses differ
+                    # in scale by 100x (normals' L1 vs edges' 50 x BCE)
+                    act = activation_rows(sub_acts, base_acts)
+                    loss = loss + o.act_row * task_loss.detach() * act
+                else:
+                    act = activation_l1(sub_acts, base_acts)
+                    loss = loss + o.act_l1 * act
+                logs[f"act_{o.act_penalty}"] = act.item()
         if o.fail_at_iter is not None and self.iteration == o.fail_at_iter:
             loss = loss * float("nan")  # fault injection (config knob), see docs/reliability.md
         if not torch.isfinite(loss):
@@ -255,6 +327,13 @@ class Trainer:
             )
         self.stepper.backward(loss)
         grad_norm = self.stepper.step()
+        if self.spec.kind == "step1" and o.target_weight_sparsity is not None:
+            sparsity = gate_sparsity(self.deltas)
+            last = self.last_gate_sparsity
+            rising = max(0.0, sparsity - last) if last is not None else 0.0
+            self.last_gate_sparsity = sparsity
+            self.l0_weight = next_l0_weight(self.l0_weight, sparsity + L0_LOOKAHEAD * rising, o.target_weight_sparsity)
+            logs["gate_sparsity"] = sparsity
         self.iteration += 1
         logs.update(loss=loss.item(), task_loss=task_loss.item(), grad_norm=grad_norm,
                     lr=self.stepper.param_groups[0]["lr"])
@@ -286,7 +365,7 @@ class Trainer:
             "iteration": self.iteration, "epoch": self.epoch, "best": self.best,
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             "optimizer": self.stepper.optimizer_state(),
-            "history": self.history,
+            "history": self.history, "l0_weight": self.l0_weight, "last_gate_sparsity": self.last_gate_sparsity,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -294,6 +373,8 @@ class Trainer:
         self.stepper.load_optimizer_state(state["optimizer"])
         self.iteration, self.epoch, self.best = state["iteration"], state["epoch"], state["best"]
         self.history = list(state.get("history", []))
+        self.l0_weight = float(state.get("l0_weight", L0_WEIGHT_INIT))
+        self.last_gate_sparsity = state.get("last_gate_sparsity")
 
     def _barrier(self) -> None:
         if self.world_size > 1:
@@ -329,9 +410,18 @@ class Trainer:
         sha = self.base_sha256 or ckpt.sha256_file(self.base_path)
         return ckpt.save_subtask(path, effective_deltas(self.deltas), head_sd, manifest, base_sha256=sha)
 
+    def _meter_options(self) -> dict:
+        return {"n_thresholds": self.spec.optim.edge_thresholds} if self.spec.task == "edge" else {}
+
     @torch.no_grad()
     def figures(self) -> dict:
-        """FLOPs per image, parameter counts and (sub-tasks) delta sparsities, for the report."""
+        """FLOPs per image, parameter counts and (sub-tasks) delta sparsities, for the report.
+
+        A sub-task's last sharing step calibrates its operating point and measures it through
+        the shared engine on the whole val split (``mtshare.operating_point``): ``flops`` is what
+        the engine executes there and ``delta_activation_sparsity`` the FLOPs-weighted fraction
+        of token rows it skips. Earlier steps are not served, so they claim no sharing of
+        activations (``flops`` = dense, sparsity None)."""
         img = self.spec.dataset.img_size
         dense_model = build_model(self.spec.model.flavor, self.spec.model.patch_size, self.spec.task,
                                   self.task.out_channels(self.spec.dataset.name))
@@ -340,15 +430,20 @@ class Trainer:
         if not self.deltas:
             return {**out, "flops": dense, "params_stored": out["params_dense"],
                     "delta_weight_sparsity": None, "delta_activation_sparsity": None}
-        nnz = flops.delta_nnz(effective_deltas(self.deltas))
-        batch = next(iter(self.val_loader))["image"][:4].to(self.device)
-        density = flops.activation_density(self.model, batch, self.spec.optim.act_tau)
-        return {**out,
-                "flops": flops.shared_flops(dense_model, img, nnz, density, dense_total=dense),
-                "params_stored": flops.param_counts(self.model, nnz)[0],
-                "delta_weight_sparsity": delta_sparsity(self.deltas),
-                "delta_activation_sparsity": 1.0 - sum(density.values()) / max(len(density), 1),
-                "act_tau": self.spec.optim.act_tau}
+        eff = effective_deltas(self.deltas)
+        out.update(params_stored=flops.param_counts(self.model, flops.delta_nnz(eff))[0],
+                   delta_weight_sparsity=delta_sparsity(self.deltas), closed_at_end=self.closed_at_end)
+        cal = self.spec.calibration
+        if cal is None:
+            return {**out, "flops": dense, "delta_activation_sparsity": None}
+        engine = op.engine_for(self.base_path, self.base_sha256, {self.spec.task: (eff, self.model.head)},
+                               device=self.device)
+        bs = self.spec.optim.batch_size
+        calib = op.stack(DataLoader(self.holdout_set, batch_size=bs), self.spec.task)
+        point = op.operating_point(engine, self.spec.task, calib, DataLoader(self.full_val_set, batch_size=bs),
+                                   self.spec.dataset.name, cal.tolerance, cal.margin, cal.steps, self._meter_options())
+        return {**out, "flops": point["flops"], "delta_activation_sparsity": point["rows_skipped"],
+                "operating_point": point}
 
     # --- the loop -------------------------------------------------------------------------
     def train(self) -> dict:
@@ -382,7 +477,12 @@ class Trainer:
                 if it >= o.iters:
                     break
             self.epoch += 1
-        if metric is None:  # resumed exactly at the end
+        target = o.target_weight_sparsity if self.spec.kind == "step1" else None
+        if target is not None:  # the controller steers; a shortfall left at the end is closed here
+            self.closed_at_end = close_smallest(self.deltas, target)
+            if self.closed_at_end:
+                metric = None
+        if metric is None:  # resumed exactly at the end, or the model changed since the last evaluation
             metric = self.evaluate()
         result = {
             "stage": self.spec.name, "task": self.spec.task, "kind": self.spec.kind,
@@ -392,7 +492,8 @@ class Trainer:
         }
         if self.is_rank_zero:
             result.update(self.figures())
-        sha = self.save_model(self.out_dir / "model.safetensors", {"metric": metric, "result": result})
+        sha = self.save_model(self.out_dir / "model.safetensors",
+                              {"metric": metric, "result": result, "operating_point": result.get("operating_point")})
         result["checksum"] = sha
         if self.is_rank_zero:
             ckpt.atomic_write_bytes(self.out_dir / "result.json", json.dumps(result, indent=1).encode())

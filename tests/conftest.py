@@ -47,10 +47,10 @@ def tiny_suite(tiny_data):
              **top_level) -> dict:
         train = {kind: {**_STAGE, "iters": iters, "eval_every": iters}
                  for kind in ("base", "step0", "step1", "step2", "step3")}
-        train["step1"]["l0_lambda"] = 1.0e-4
+        train["step1"]["target_weight_sparsity"] = 0.9
         raw = {
             "name": name,
-            "dataset": {"name": "pascal_context", "root": str(tiny_data), "img_size": TINY_SIZE},
+            "dataset": {"name": "pascal_context", "root": str(tiny_data), "img_size": TINY_SIZE, "holdout": 4},
             "model": {"flavor": "vit_debug", "patch_size": 8},
             "base_task": "semseg", "tasks": list(tasks), "steps": list(steps), "references": references,
             "train": train,

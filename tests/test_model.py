@@ -8,7 +8,7 @@ from mtshare import checkpoint as ckpt
 from mtshare import flops
 from mtshare.models import build_model, load_pretrained
 from mtshare.models.delta import (
-    ActivationRecorder, add_deltas, base_mode, deterministic_gate, effective_deltas, l0_penalty,
+    ActivationRecorder, add_deltas, base_mode, deterministic_gate, effective_deltas, l0_penalty, set_mode,
 )
 from mtshare.models.vit import ViTEncoder
 
@@ -117,12 +117,39 @@ def test_activation_recorder_captures_base_and_subtask_with_one_model():
         m.encoder(x)
     assert len(base_acts) == len(sub_acts) == 6 * len(m.encoder.blocks)
     assert any((a - b).abs().max() > 0 for a, b in zip(sub_acts, base_acts))
-    # deltas off really gives the base: compare against a model with no deltas at all
-    plain = _model()
+    # the base pass is repeatable (no state left behind by the sub-task pass)
     with rec.record() as again, base_mode(deltas):
         m.encoder(x)
     assert torch.equal(again[-1], base_acts[-1])
-    assert torch.allclose(plain.encoder(x), m.encoder.__class__.forward(plain.encoder, x))
+
+
+def test_base_mode_reproduces_the_plain_base_model_exactly():
+    plain = _model()
+    m = copy.deepcopy(plain)
+    deltas = add_deltas(m.encoder)
+    _randomise_deltas(deltas)
+    with torch.no_grad():
+        for d in deltas.values():
+            d.mask.bernoulli_(0.5)  # a step2/3-style fixed mask over non-zero δ
+    set_mode(deltas, "mask")
+    m.eval()
+    assert sum(int((d.mask * d.delta != 0).sum()) for d in deltas.values()) > 0
+    x = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        y_plain = plain.encoder(x)
+        with base_mode(deltas):
+            y_base = m.encoder(x)
+            assert all(d.mode == "off" for d in deltas.values())
+        y_sub = m.encoder(x)
+    assert torch.equal(y_base, y_plain)  # bit-exact: the deltas are really off
+    assert (y_sub - y_plain).abs().max() > 1e-3  # outside base_mode the deltas act
+    assert all(d.mode == "mask" for d in deltas.values())  # the modes come back
+    with pytest.raises(RuntimeError, match="inside"):  # ... even when the body raises
+        with base_mode(deltas):
+            raise RuntimeError("inside")
+    assert all(d.mode == "mask" for d in deltas.values())
+    with torch.no_grad():
+        assert torch.equal(m.encoder(x), y_sub)
 
 
 def test_strict_pretrained_loading_refuses_missing_key(tmp_path):

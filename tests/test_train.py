@@ -11,21 +11,21 @@ from mtshare.models.delta import base_mode
 from mtshare.report import build_report, format_report, load_results
 from mtshare.stages import downstream, plan
 from mtshare.suite import run_stage, run_suite_inprocess
-from mtshare.train import Trainer, activation_l1, lr_factor
+from mtshare.train import Trainer, activation_rows, lr_factor
 
 
 def tiny_suite(root, **over) -> dict:
     raw = {
         "name": "tiny",
-        "dataset": {"name": "pascal_context", "root": str(root), "img_size": 32},
+        "dataset": {"name": "pascal_context", "root": str(root), "img_size": 32, "holdout": 6},
         "model": {"flavor": "vit_debug", "patch_size": 8},
         "tasks": ["sal", "normals"],
         "train": {
             "base": {"iters": 30, "batch_size": 8, "lr": 2e-3, "eval_every": 30},
             "step0": {"iters": 6, "batch_size": 8, "eval_every": 6},
-            "step1": {"iters": 60, "batch_size": 8, "lr_delta": 1e-3, "lr_alpha": 0.3, "l0_lambda": 1e-4, "eval_every": 60},
+            "step1": {"iters": 60, "batch_size": 8, "lr_delta": 1e-3, "lr_alpha": 0.3, "l0_lambda": 1e-5, "eval_every": 60},
             "step2": {"iters": 10, "batch_size": 8, "lr_delta": 1e-3, "eval_every": 10},
-            "step3": {"iters": 10, "batch_size": 8, "lr_delta": 1e-3, "act_l1": 1e-3, "act_tau": 0.01, "eval_every": 10},
+            "step3": {"iters": 10, "batch_size": 8, "lr_delta": 1e-3, "act_row": 1.0, "eval_every": 10},
         },
     }
     for k, v in over.items():
@@ -109,6 +109,9 @@ def test_tiny_suite_trains_and_reports(suite_run):
         assert row["delta_weight_sparsity"] > 0.5  # the L0 gates really closed most deltas
         assert row["flops"] < row["dense_flops"]
         assert row["params_stored"] < row["params_dense"] / 2
+        # the operating point: stored τ, measured through the engine (exact value = the trainer's)
+        assert row["tau"] and row["value_exact"] == pytest.approx(results[f"{t}/step3"]["metric"], rel=1e-4, abs=1e-6)
+        assert ckpt.read_manifest(workdir / "store" / t / "step3/model.safetensors")["operating_point"]["tau"] == row["tau"]
     assert report["suite"]["delta_m"] is not None
     # stage checkpoints are what the results say they are
     for name, r in results.items():
@@ -137,7 +140,7 @@ def test_step3_lowers_activation_difference_vs_step2(suite_run, data_root):
     norms = {}
     for kind in ("step2", "step3"):
         spec = next(s for s in plan(cfg) if s.name == f"sal/{kind}")
-        # Load the stage's *output* as a step3 model (deltas in mask mode) and measure Σ|a_s − a_b|.
+        # Load the stage's *output* as a step3 model (deltas in mask mode) and measure the row penalty.
         probe = spec.model_copy(update={"kind": "step3", "prev_key": spec.output_key})
         tr = Trainer(probe, out_dir=workdir / "probe", base_path=store / "base/model.safetensors",
                      base_sha256=results["base"]["checksum"], prev_path=store / spec.output_key)
@@ -149,7 +152,7 @@ def test_step3_lowers_activation_difference_vs_step2(suite_run, data_root):
                 tr.model.encoder(batch)
             with tr.recorder.record() as sub_acts:
                 tr.model.encoder(batch)
-            norms[kind] = activation_l1(sub_acts, base_acts).item()
+            norms[kind] = activation_rows(sub_acts, base_acts).item()
     assert norms["step3"] < norms["step2"], norms
 
 

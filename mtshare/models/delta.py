@@ -9,7 +9,8 @@ element and one per tensor (the two gates multiply):
 
     train:  z = clamp(sigmoid(log u - log(1-u) + α) (r - l) + l, 0, 1),  u ~ U(0, 1)
     eval:   z = clamp(sigmoid(α) (r - l) + l, 0, 1)          (deterministic)
-    L0:     λ Σ sigmoid(α - log(-l/r))
+    L0:     λ · sigmoid(α_g - log(-l/r)) · Σ_i sigmoid(α_i - log(-l/r))
+            (the expected number of non-zeros of the product gate: P(z_g z_i ≠ 0) = P(z_g ≠ 0) P(z_i ≠ 0))
 
 Modes of a :class:`DeltaParam`:
     ``gate``  step1: ``W_b + z ⊙ δ``
@@ -40,9 +41,9 @@ def sample_gate(log_alpha: torch.Tensor) -> torch.Tensor:
     return torch.clamp(s * (STRETCH_R - STRETCH_L) + STRETCH_L, 0.0, 1.0)
 
 
-def l0_penalty_terms(log_alpha: torch.Tensor) -> torch.Tensor:
-    """Σ P(gate ≠ 0) for a tensor of gate logits (the expected L0 norm)."""
-    return torch.sigmoid(log_alpha - math.log(-STRETCH_L / STRETCH_R)).sum()
+def prob_nonzero(log_alpha: torch.Tensor) -> torch.Tensor:
+    """P(z ≠ 0) of a hard-concrete gate with logits ``log_alpha`` (element-wise)."""
+    return torch.sigmoid(log_alpha - math.log(-STRETCH_L / STRETCH_R))
 
 
 class DeltaParam(nn.Module):
@@ -74,7 +75,15 @@ class DeltaParam(nn.Module):
         return base + self.effective_delta().to(base.dtype)
 
     def l0(self) -> torch.Tensor:
-        return l0_penalty_terms(self.log_alpha) + l0_penalty_terms(self.log_alpha_tensor)
+        """Expected number of non-zeros of ``z_g · z_i`` (the two gates are independent)."""
+        return prob_nonzero(self.log_alpha_tensor) * prob_nonzero(self.log_alpha).sum()
+
+    @torch.no_grad()
+    def gate_zeros(self) -> int:
+        """Entries whose deterministic (evaluation) gate is exactly zero."""
+        if float(deterministic_gate(self.log_alpha_tensor)) == 0.0:
+            return self.log_alpha.numel()
+        return int((deterministic_gate(self.log_alpha) == 0).sum())
 
     @torch.no_grad()
     def freeze_mask(self) -> None:
@@ -142,6 +151,32 @@ def l0_penalty(deltas: dict[str, DeltaParam]) -> torch.Tensor:
     return sum(d.l0() for d in deltas.values())
 
 
+def gate_sparsity(deltas: dict[str, DeltaParam]) -> float:
+    """Fraction of delta entries whose deterministic gate is closed (what step1's controller steers)."""
+    total = sum(d.log_alpha.numel() for d in deltas.values())
+    return sum(d.gate_zeros() for d in deltas.values()) / max(total, 1)
+
+
+@torch.no_grad()
+def close_smallest(deltas: dict[str, DeltaParam], target_sparsity: float) -> int:
+    """Close the gates of the smallest-magnitude effective deltas (all tensors pooled) until at
+    least ``target_sparsity`` of all entries are zero. Returns how many gates it closed."""
+    eff = effective_deltas(deltas)
+    total = sum(t.numel() for t in eff.values())
+    nonzero = torch.cat([t.abs().flatten()[t.flatten() != 0] for t in eff.values()])
+    allowed = int(total * (1.0 - target_sparsity))
+    excess = nonzero.numel() - allowed
+    if excess <= 0:
+        return 0
+    cut = nonzero.float().kthvalue(excess).values  # close everything up to this magnitude
+    closed = 0
+    for k, d in deltas.items():
+        shut = (eff[k].abs() <= cut) & (eff[k] != 0)
+        d.log_alpha[shut] = -10.0  # deterministic gate 0; P(z ≠ 0) ≈ 5e-5
+        closed += int(shut.sum())
+    return closed
+
+
 @torch.no_grad()
 def effective_deltas(deltas: dict[str, DeltaParam]) -> dict[str, torch.Tensor]:
     """The deltas the evaluation model applies (deterministic gate or mask), by parameter name."""
@@ -163,23 +198,33 @@ def delta_sparsity(deltas: dict[str, DeltaParam]) -> float:
 
 
 class ActivationRecorder:
-    """Forward hooks on the step3 activation points of every block; records outputs in order.
+    """Hooks on the step3 activation points of every block; records, in order, their outputs
+    (``inputs=False``, the reference's six points) or their inputs (``inputs=True``, the four
+    linears the engine thresholds).
 
     The same hooks serve the base pass (deltas off, no grad) and the sub-task pass, so both
     activations come from one copy of the model code.
     """
 
-    def __init__(self, encoder: nn.Module, points: tuple[str, ...]):
+    def __init__(self, encoder: nn.Module, points: tuple[str, ...], inputs: bool = False):
         self.outputs: list[torch.Tensor] = []
         self.handles = []
         for blk in encoder.blocks:
             for p in points:
-                self.handles.append(blk.get_submodule(p).register_forward_hook(self._hook))
+                m = blk.get_submodule(p)
+                if inputs:
+                    self.handles.append(m.register_forward_pre_hook(self._pre_hook))
+                else:
+                    self.handles.append(m.register_forward_hook(self._hook))
         self.enabled = False
 
     def _hook(self, module, inputs, output):
         if self.enabled:
             self.outputs.append(output)
+
+    def _pre_hook(self, module, inputs):
+        if self.enabled:
+            self.outputs.append(inputs[0])
 
     @contextmanager
     def record(self) -> Iterator[list[torch.Tensor]]:

@@ -1,0 +1,110 @@
+"""A sub-task's operating point, and the figures a user sees, through the shared engine.
+
+After a sub-task's last sharing step (``StageSpec.calibration``):
+
+1. **calibrate**: per-layer τ on the ``dataset.holdout`` images (the end of the *train* split,
+   which no stage trains on) so that the sub-task's metric, computed by the very engine that
+   serves it, stays within ``margin × tolerance`` (relative) of its exact (τ = 0) value
+   (:func:`mtshare.engine.calibrate`);
+2. **measure** on the whole val split, through :class:`~mtshare.engine.SharedEngine` (the base
+   once, the sub-task through its deltas): the metric at the operating point and at τ = 0, the
+   FLOPs the engine executed per image (each layer's plan is never above its dense cost), and
+   the fraction of the encoder linears' token rows it skipped, weighted by their FLOPs.
+
+The τ go into the sub-task checkpoint's manifest (``operating_point.tau``); ``report``,
+``infer`` and ``bench --workdir`` all run the engine with them.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+
+from mtshare import checkpoint as ckpt
+from mtshare.engine import SharedEngine, _infer_config, calibrate
+from mtshare.tasks import get_task
+
+
+def engine_for(base_path: str | Path, base_sha256: str | None, subtasks: Mapping[str, tuple], *,
+               device: str | torch.device = "cpu", **kw) -> SharedEngine:
+    """The engine over a base checkpoint and in-memory sub-tasks ``{task: (deltas, head)}``."""
+    enc_sd, head_sd, manifest = ckpt.load_dense(base_path, expected_sha256=base_sha256)
+    if manifest.get("kind") != "base":
+        raise ckpt.CheckpointError(f"{base_path}: not a base checkpoint")
+    cfg = _infer_config(enc_sd, manifest)
+    return SharedEngine(cfg, manifest.get("task", "semseg"), enc_sd, head_sd, subtasks, device=device, **kw)
+
+
+def _meter(task: str, dataset: str, meter_options: Mapping | None):
+    return get_task(task).new_meter(dataset, **dict(meter_options or {}))
+
+
+def stack(batches: Iterable[dict], task: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """All images and targets of a loader as two tensors (the calibration set is one batch)."""
+    images, targets = [], []
+    for b in batches:
+        images.append(b["image"])
+        targets.append(b[task])
+    return torch.cat(images), torch.cat(targets)
+
+
+def calibrate_task(engine: SharedEngine, task: str, images: torch.Tensor, targets: torch.Tensor, dataset: str,
+                   tolerance: float, steps: int = 10, meter_options: Mapping | None = None) -> dict:
+    """Set the engine's τ for ``task`` (see :func:`mtshare.engine.calibrate`); returns the summary."""
+    spec = get_task(task)
+
+    def metric(t: str, out: torch.Tensor) -> float:
+        meter = _meter(t, dataset, meter_options)
+        meter.update(out.float().cpu(), targets)
+        value = float(meter.compute())
+        return value if spec.higher_is_better else -value
+
+    summary = calibrate(engine, images, metric, tolerance=tolerance, steps=steps)[task]
+    sign = 1.0 if spec.higher_is_better else -1.0
+    return {"images": int(images.shape[0]), "tolerance": tolerance, "row_density": summary["density"],
+            "metric_exact": sign * summary["metric_ref"], "metric": sign * summary["metric"]}
+
+
+@torch.no_grad()
+def evaluate_task(engine: SharedEngine, task: str, batches: Iterable[dict], dataset: str,
+                  meter_options: Mapping | None = None) -> dict:
+    """The task's metric through the engine (at its current τ) over ``batches``, with the
+    FLOPs it executed and the FLOPs-weighted fraction of token rows it skipped, per image."""
+    meter = _meter(task, dataset, meter_options)
+    was, engine.collect_stats = engine.collect_stats, True
+    images, executed, skipped = 0, 0.0, 0.0
+    paths: Counter = Counter()
+    try:
+        for b in batches:
+            out = engine(b["image"], tasks=[task])[task]
+            meter.update(out.float().cpu(), b[task])
+            st, n = engine.last_stats[task], b["image"].shape[0]
+            images += n
+            executed += st.executed_flops * n
+            skipped += (st.rows_skipped or 0.0) * n
+            paths.update(st.paths.values())
+    finally:
+        engine.collect_stats = was
+    if not images:
+        raise ValueError(f"{task}: no images to evaluate")
+    calls = sum(paths.values())
+    return {"value": float(meter.compute()), "flops": executed / images, "rows_skipped": skipped / images,
+            "paths": {k: v / calls for k, v in sorted(paths.items())}}
+
+
+def operating_point(engine: SharedEngine, task: str, calib: tuple[torch.Tensor, torch.Tensor],
+                    val_batches: Iterable[dict], dataset: str, tolerance: float, margin: float = 0.5,
+                    steps: int = 10, meter_options: Mapping | None = None) -> dict:
+    """Calibrate ``task``'s τ on ``calib`` (images, targets), then measure it on the val batches
+    at τ and at τ = 0. ``val_batches`` must be re-iterable (a DataLoader)."""
+    cal = calibrate_task(engine, task, *calib, dataset, tolerance * margin, steps, meter_options)
+    tau = dict(engine.thresholds[task])
+    at_tau = evaluate_task(engine, task, val_batches, dataset, meter_options)
+    engine.thresholds[task] = {}
+    exact = evaluate_task(engine, task, val_batches, dataset, meter_options)
+    engine.thresholds[task] = tau
+    return {"tau": tau, "value": at_tau["value"], "value_exact": exact["value"], "flops": at_tau["flops"],
+            "flops_exact": exact["flops"], "rows_skipped": at_tau["rows_skipped"], "paths": at_tau["paths"],
+            "calibration": {**cal, "target_tolerance": tolerance, "margin": margin}}
