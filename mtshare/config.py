@@ -140,6 +140,8 @@ class CalibrationConfig(_Strict):
     tolerance: float = Field(0.01, gt=0, lt=1, description="allowed relative metric loss vs τ = 0")
     margin: float = Field(0.5, gt=0, le=1, description="calibrate to margin × tolerance")
     steps: int = Field(10, gt=0, description="bisection steps on the kept row density")
+    per_layer: bool = Field(True, description="then lower each layer's density alone where the metric allows "
+                            "(up to 3 more engine passes over the holdout images per layer)")
 
 
 class StagesConfig(_Strict):

@@ -266,7 +266,7 @@ class SharedEngine(nn.Module):
         self.collect_stats = collect_stats  # count FLOPs / densities (extra reductions and host syncs): reports
         self.last_stats: dict[str, TaskStats] = {}
         self.thresholds: dict[str, dict[str, float]] = {t: {} for t in subtasks}
-        self._fit_density: dict[str, float] | None = None
+        self._fit_density: dict[str, float | dict[str, float]] | None = None
         self._head_flops: dict[tuple, float] = {}
         self._wt_cache: dict[str, torch.Tensor] = {}
 
@@ -643,18 +643,22 @@ class SharedEngine(nn.Module):
 
     def _threshold(self, task: str, name: str, delta: torch.Tensor) -> float:
         if self._fitting(task):
-            self.thresholds[task][name] = _tau_for_density(delta, self._fit_density[task], self.threshold_mode)
+            density = self._fit_density[task]
+            if isinstance(density, Mapping):  # per layer, "*" for the rest
+                density = density.get(name, density["*"])
+            self.thresholds[task][name] = _tau_for_density(delta, density, self.threshold_mode)
         return self.thresholds[task].get(name, 0.0)
 
     @torch.inference_mode()
     def fit_thresholds(self, images: torch.Tensor, density: float | Mapping[str, float]) -> dict[str, torch.Tensor]:
         """Set every layer's τ so that a fraction ``density`` of the activation delta survives on
         ``images`` (rows in token mode, entries in element mode), layer after layer in one pass
-        (each τ sees the deltas the earlier thresholds produced). ``density`` may be per task.
+        (each τ sees the deltas the earlier thresholds produced). ``density`` may be per task,
+        and a task's may be per layer (``{path: density, "*": density of the others}``).
         Returns that pass's outputs, which are exactly the outputs under the new thresholds."""
         subs = list(self.subtasks)
         target = density if isinstance(density, Mapping) else {t: density for t in subs}
-        self._fit_density = {t: float(v) for t, v in target.items()}
+        self._fit_density = {t: (dict(v) if isinstance(v, Mapping) else float(v)) for t, v in target.items()}
         for t in self._fit_density:
             self.thresholds[t] = {}
         try:
@@ -699,7 +703,7 @@ def _task_metric(task: str, output: torch.Tensor, target: torch.Tensor, dataset:
 
 def calibrate(engine: SharedEngine, images: torch.Tensor,
               targets_or_metric_fn: Mapping[str, torch.Tensor] | MetricFn, tolerance: float = 0.005,
-              *, dataset: str = "pascal_context", steps: int = 10) -> dict[str, dict]:
+              *, dataset: str = "pascal_context", steps: int = 10, per_layer: bool = False) -> dict[str, dict]:
     """Pick per-layer τ so that each sub-task's metric stays within ``tolerance`` (relative) of
     its τ = 0 value on ``images``; sets ``engine.thresholds`` and returns a summary per task.
 
@@ -712,6 +716,10 @@ def calibrate(engine: SharedEngine, images: torch.Tensor,
     A bisection on ρ (all tasks at once: a sub-task's output depends only on its own τ) finds
     the smallest ρ whose metric is no worse than ``m0 − tolerance·|m0|``; the last feasible
     thresholds are kept, so the returned metric is a measured, feasible one.
+
+    ``per_layer``: then, layer by layer (largest first, deeper first among equals), try a lower
+    density for that layer alone (0, ρ/4, ρ/2: the first feasible one stays), since layers differ
+    in how much their skipped rows cost the metric. Up to 3 passes per sparse layer.
     """
     if callable(targets_or_metric_fn):
         metric = targets_or_metric_fn
@@ -743,8 +751,21 @@ def calibrate(engine: SharedEngine, images: torch.Tensor,
                 best[t] = (dict(engine.thresholds[t]), m)
             else:
                 lo[t] = mid[t]
+    layer_density = {t: {"*": hi[t]} for t in subs}
+    if per_layer:
+        for t in active:
+            order = sorted(best[t][0], key=lambda n: (-engine.base[f"{n}.weight"].numel(), -int(n.split(".")[1])))
+            for name in order:
+                for cand in (0.0, hi[t] / 4, hi[t] / 2):
+                    trial = {**layer_density[t], name: cand}
+                    m = metric(t, engine.fit_thresholds(images, {t: trial})[t])
+                    if feasible(t, m):
+                        layer_density[t] = trial
+                        best[t] = (dict(engine.thresholds[t]), m)
+                        break
     summary = {}
     for t in subs:
         engine.thresholds[t] = best[t][0]
-        summary[t] = {"density": hi[t], "metric_ref": m0[t], "metric": best[t][1], "thresholds": best[t][0]}
+        summary[t] = {"density": hi[t], "layer_density": layer_density[t], "metric_ref": m0[t],
+                      "metric": best[t][1], "thresholds": best[t][0]}
     return summary

@@ -51,7 +51,8 @@ def stack(batches: Iterable[dict], task: str) -> tuple[torch.Tensor, torch.Tenso
 
 
 def calibrate_task(engine: SharedEngine, task: str, images: torch.Tensor, targets: torch.Tensor, dataset: str,
-                   tolerance: float, steps: int = 10, meter_options: Mapping | None = None) -> dict:
+                   tolerance: float, steps: int = 10, meter_options: Mapping | None = None,
+                   per_layer: bool = True) -> dict:
     """Set the engine's τ for ``task`` (see :func:`mtshare.engine.calibrate`); returns the summary."""
     spec = get_task(task)
 
@@ -61,9 +62,10 @@ def calibrate_task(engine: SharedEngine, task: str, images: torch.Tensor, target
         value = float(meter.compute())
         return value if spec.higher_is_better else -value
 
-    summary = calibrate(engine, images, metric, tolerance=tolerance, steps=steps)[task]
+    summary = calibrate(engine, images, metric, tolerance=tolerance, steps=steps, per_layer=per_layer)[task]
     sign = 1.0 if spec.higher_is_better else -1.0
     return {"images": int(images.shape[0]), "tolerance": tolerance, "row_density": summary["density"],
+            "layer_density": summary["layer_density"],
             "metric_exact": sign * summary["metric_ref"], "metric": sign * summary["metric"]}
 
 
@@ -96,10 +98,10 @@ def evaluate_task(engine: SharedEngine, task: str, batches: Iterable[dict], data
 
 def operating_point(engine: SharedEngine, task: str, calib: tuple[torch.Tensor, torch.Tensor],
                     val_batches: Iterable[dict], dataset: str, tolerance: float, margin: float = 0.5,
-                    steps: int = 10, meter_options: Mapping | None = None) -> dict:
+                    steps: int = 10, meter_options: Mapping | None = None, per_layer: bool = True) -> dict:
     """Calibrate ``task``'s τ on ``calib`` (images, targets), then measure it on the val batches
     at τ and at τ = 0. ``val_batches`` must be re-iterable (a DataLoader)."""
-    cal = calibrate_task(engine, task, *calib, dataset, tolerance * margin, steps, meter_options)
+    cal = calibrate_task(engine, task, *calib, dataset, tolerance * margin, steps, meter_options, per_layer)
     tau = dict(engine.thresholds[task])
     at_tau = evaluate_task(engine, task, val_batches, dataset, meter_options)
     engine.thresholds[task] = {}

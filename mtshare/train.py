@@ -441,7 +441,8 @@ class Trainer:
         bs = self.spec.optim.batch_size
         calib = op.stack(DataLoader(self.holdout_set, batch_size=bs), self.spec.task)
         point = op.operating_point(engine, self.spec.task, calib, DataLoader(self.full_val_set, batch_size=bs),
-                                   self.spec.dataset.name, cal.tolerance, cal.margin, cal.steps, self._meter_options())
+                                   self.spec.dataset.name, cal.tolerance, cal.margin, cal.steps, self._meter_options(),
+                                   cal.per_layer)
         return {**out, "flops": point["flops"], "delta_activation_sparsity": point["rows_skipped"],
                 "operating_point": point}
 
