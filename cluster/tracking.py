@@ -113,6 +113,8 @@ class Tracker:
         if result:
             figures = {k: v for k, v in result.items() if _is_number(v) and k not in ("iterations",)}
             figures[f"final_{result.get('metric_name', 'metric')}"] = result.get("metric")
+            point = result.get("operating_point") or {}  # the served figures (engine at τ, whole val split)
+            figures.update({f"op_{k}": v for k, v in point.items() if _is_number(v)})
             self.log_metrics(run_id, figures, step=int(result.get("iterations") or 0))
         tags = {"mtshare.checksum": checksum or "-", "mtshare.checkpoint": checkpoint or "-"}
         if error:

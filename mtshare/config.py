@@ -140,8 +140,9 @@ class CalibrationConfig(_Strict):
     tolerance: float = Field(0.01, gt=0, lt=1, description="allowed relative metric loss vs τ = 0")
     margin: float = Field(0.5, gt=0, le=1, description="calibrate to margin × tolerance")
     steps: int = Field(10, gt=0, description="bisection steps on the kept row density")
-    per_layer: bool = Field(True, description="then lower each layer's density alone where the metric allows "
-                            "(up to 3 more engine passes over the holdout images per layer)")
+    per_layer: bool = Field(False, description="then lower each layer's density alone where the metric allows "
+                            "(up to 3 more engine passes per layer; pays on smooth metrics, overfits noisy ones "
+                            "on a small holdout: see docs/method.md)")
 
 
 class StagesConfig(_Strict):

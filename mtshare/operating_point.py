@@ -52,15 +52,35 @@ def stack(batches: Iterable[dict], task: str) -> tuple[torch.Tensor, torch.Tenso
 
 def calibrate_task(engine: SharedEngine, task: str, images: torch.Tensor, targets: torch.Tensor, dataset: str,
                    tolerance: float, steps: int = 10, meter_options: Mapping | None = None,
-                   per_layer: bool = True) -> dict:
-    """Set the engine's τ for ``task`` (see :func:`mtshare.engine.calibrate`); returns the summary."""
+                   per_layer: bool = False) -> dict:
+    """Set the engine's τ for ``task`` (see :func:`mtshare.engine.calibrate`); returns the summary.
+
+    A candidate τ counts as feasible only if the metric holds on the whole calibration set AND
+    on each of its two halves: the search tries dozens of candidates on a metric that is noisy
+    on a few dozen images (edge ODS-F), and a candidate that passes on the whole set by luck
+    rarely passes on both halves too. (Measured on the demo's edge model: without this guard
+    the per-layer search kept thresholds that lost 0.05 % on the calibration images and 3.9 %
+    on val.)"""
     spec = get_task(task)
+    half = images.shape[0] // 2
+    parts = [slice(None)] + ([slice(0, half), slice(half, None)] if half >= 2 else [])
+    exact: list[float] = []
+
+    def value(out: torch.Tensor, part: slice) -> float:
+        meter = _meter(task, dataset, meter_options)
+        meter.update(out[part].float().cpu(), targets[part])
+        v = float(meter.compute())
+        return v if spec.higher_is_better else -v
 
     def metric(t: str, out: torch.Tensor) -> float:
-        meter = _meter(t, dataset, meter_options)
-        meter.update(out.float().cpu(), targets)
-        value = float(meter.compute())
-        return value if spec.higher_is_better else -value
+        """The whole set's value, moved by the worst relative change among whole and halves
+        (the first call, at τ = 0, records each part's exact value)."""
+        values = [value(out, p) for p in parts]
+        if not exact:
+            exact.extend(values)
+            return values[0]
+        worst = min((v - e) / max(abs(e), 1e-12) for v, e in zip(values, exact))
+        return exact[0] + worst * abs(exact[0])
 
     summary = calibrate(engine, images, metric, tolerance=tolerance, steps=steps, per_layer=per_layer)[task]
     sign = 1.0 if spec.higher_is_better else -1.0
@@ -98,7 +118,7 @@ def evaluate_task(engine: SharedEngine, task: str, batches: Iterable[dict], data
 
 def operating_point(engine: SharedEngine, task: str, calib: tuple[torch.Tensor, torch.Tensor],
                     val_batches: Iterable[dict], dataset: str, tolerance: float, margin: float = 0.5,
-                    steps: int = 10, meter_options: Mapping | None = None, per_layer: bool = True) -> dict:
+                    steps: int = 10, meter_options: Mapping | None = None, per_layer: bool = False) -> dict:
     """Calibrate ``task``'s τ on ``calib`` (images, targets), then measure it on the val batches
     at τ and at τ = 0. ``val_batches`` must be re-iterable (a DataLoader)."""
     cal = calibrate_task(engine, task, *calib, dataset, tolerance * margin, steps, meter_options, per_layer)

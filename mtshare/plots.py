@@ -27,8 +27,9 @@ def _save(fig, path: str | Path) -> Path:
 
 
 def accuracy_vs_flops(results: dict[str, dict], path: str | Path) -> Path:
-    """One subplot per sub-task: its metric against GFLOPs/image for step0 (dense) and each
-    sharing step (FLOPs under sharing, the base's cost not included)."""
+    """One subplot per sub-task: its metric against GFLOPs/image for step0 (dense), each sharing
+    step, and the served operating point (engine at τ, and at τ = 0) of the last one; the base's
+    cost not included."""
     plt = _plt()
     tasks = sorted({r["task"] for r in results.values() if r["kind"] != "base"})
     fig, axes = plt.subplots(1, max(len(tasks), 1), figsize=(3.4 * max(len(tasks), 1), 3.2), squeeze=False)
@@ -37,8 +38,13 @@ def accuracy_vs_flops(results: dict[str, dict], path: str | Path) -> Path:
             r = results.get(f"{task}/{kind}")
             if r is None:
                 continue
-            ax.scatter(r["flops"] / 1e9, r["metric"], marker=marker, s=40, label=kind)
-            ax.annotate(kind, (r["flops"] / 1e9, r["metric"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            point = r.get("operating_point")
+            marks = [(kind, r["flops"], r["metric"], marker)] if not point else [
+                (f"{kind} τ=0", point["flops_exact"], point["value_exact"], marker),
+                (f"{kind} at τ", point["flops"], point["value"], "*")]
+            for label, fl, value, m in marks:
+                ax.scatter(fl / 1e9, value, marker=m, s=40, label=label)
+                ax.annotate(label, (fl / 1e9, value), fontsize=7, xytext=(3, 3), textcoords="offset points")
         r = next((v for v in results.values() if v["task"] == task), None)
         ax.set_title(f"{task} ({r['metric_name']}, {'↑' if r['higher_is_better'] else '↓'})", fontsize=9)
         ax.set_xlabel("GFLOPs / image")

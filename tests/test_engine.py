@@ -240,6 +240,29 @@ def test_calibrate_keeps_metric_within_tolerance(suite):
     assert summary["human_parts"]["metric"] >= 0.95
 
 
+def test_per_layer_calibration_lowers_layers_and_stays_feasible(suite):
+    engine = _engine(suite)
+    torch.manual_seed(2)
+    x = torch.randn(2, 3, 32, 32)
+    exact = engine(x)
+    targets = {t: exact[t] + torch.randn_like(exact[t]) * exact[t].std() for t in SUBTASKS}
+
+    def metric(task, out):
+        return -float((out - targets[task]).abs().mean())
+
+    glob = calibrate(engine, x, metric, tolerance=0.01, steps=6)
+    summary = calibrate(engine, x, metric, tolerance=0.01, steps=6, per_layer=True)
+    out = engine(x)
+    lowered = 0
+    for task, s in summary.items():
+        assert s["density"] == glob[task]["density"]  # the same bisection first
+        assert all(v <= s["density"] for v in s["layer_density"].values())
+        lowered += len(s["layer_density"]) - 1
+        m0, m = s["metric_ref"], metric(task, out[task])
+        assert m == pytest.approx(s["metric"], rel=1e-6) and m >= m0 - 0.01 * abs(m0), task
+    assert lowered > 0  # some layer could go lower than the common density
+
+
 def test_bench_json_contract(tmp_path):
     r = run_bench("vit_debug", img=32, batch=1, tasks=3, sparsity=0.9, patch=8, repeats=1, warmup=0)
     json.dumps(r)
