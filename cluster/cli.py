@@ -340,6 +340,15 @@ def _check_dataset(cfg: SuiteConfig) -> None:
     if not Path(cfg.dataset.root).is_dir():
         raise ConfigError(f"dataset.root: {cfg.dataset.root}: directory not found")
     check_dataset(cfg.dataset.name, cfg.dataset.root, max_decode=DATA_CHECK_IDS)
+    from mtshare.data import build_dataset
+
+    n_train = len(build_dataset(cfg.dataset.name, cfg.dataset.root, "train", [], train=False,
+                                img_size=cfg.dataset.img_size))
+    global_batch = max(cfg.optim_for(t, k).batch_size for t in [cfg.base_task, *cfg.tasks]
+                       for k in ("base", "step0", *cfg.steps)) * cfg.resources.workers
+    if n_train - cfg.dataset.holdout < global_batch:
+        raise ConfigError(f"dataset.holdout: {cfg.dataset.holdout} of the {n_train} train images leaves fewer "
+                          f"than one global batch ({global_batch}) to train on")
 
 
 @contextlib.contextmanager

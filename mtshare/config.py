@@ -61,7 +61,7 @@ class DatasetConfig(_Strict):
     img_size: int = Field(gt=0, description="train crop / val pad size (must be divisible by the patch size)")
     synthesize: SynthConfig | None = Field(None, description="generate synthetic data here on first use")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
-    holdout: int = Field(32, ge=0, description="images at the end of the train split that no stage trains on: "
+    holdout: int = Field(32, ge=2, description="images at the end of the train split that no stage trains on: "
                          "the calibration set of the sub-tasks' operating points (never the val split)")
 
     @field_validator("root")

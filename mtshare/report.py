@@ -83,12 +83,15 @@ def _row(r: dict, ref: dict | None) -> dict:
 
 
 def _plan(point: dict | None) -> str:
-    """How the engine ran the sub-task's encoder linears on val: 'sparse', 'partly dense' or
-    'dense' (sharing did not pay in any layer), or 'no operating point'."""
+    """How the engine ran the sub-task's encoder linears on val: 'sparse', 'sparse, N% of layers
+    merged', or 'dense' (no row skipped anywhere: sharing activations did not pay within the
+    tolerance), or 'no operating point'."""
     if not point:
         return "no operating point"
     merged = point["paths"].get("merged", 0.0)
-    return "dense" if merged >= 1.0 else ("sparse" if merged == 0 else f"{100 * merged:.0f}% dense")
+    if merged >= 1.0 or not point["rows_skipped"]:
+        return "dense"  # no layer skipped a row: only the delta weights are shared
+    return "sparse" if merged == 0 else f"sparse, {100 * merged:.0f}% of layers merged"
 
 
 def format_report(report: dict) -> str:

@@ -152,6 +152,10 @@ def missing_dataset_root(ctx):
     return ctx.run(ctx.config({"dataset.root": str(root)})), f"dataset.root: {root}"
 
 
+def holdout_leaves_no_batch(ctx):
+    return ctx.run(ctx.config({"dataset.holdout": 100})), "dataset.holdout: 100 of the"
+
+
 def split_lists_missing_files(ctx):
     from mtshare.data import pascal_context as pc
 
@@ -240,6 +244,7 @@ CASES = {
     "deepspeed-stage-7": deepspeed_stage_7,
     "img-size-not-divisible": img_size_not_divisible,
     "missing-dataset-root": missing_dataset_root,
+    "holdout-leaves-no-batch": holdout_leaves_no_batch,
     "split-lists-missing-files": split_lists_missing_files,
     "label-out-of-range": label_out_of_range,
     "yaml-not-a-mapping": yaml_not_a_mapping,

@@ -22,10 +22,9 @@ from mtshare.models.delta import (
 )
 from mtshare.stages import plan
 from mtshare.suite import run_stage
-from mtshare.train import L0_WEIGHT_RANGE, build_stage_model, next_l0_weight
+from mtshare.train import L0_WEIGHT_RANGE, LINEAR_INPUTS, build_stage_model, next_l0_weight
 
 TARGET = 0.5  # step1's target_weight_sparsity in the shared suite
-LINEAR_INPUTS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")  # the linears the engine thresholds
 ACT_ROW = 5.0  # step3's row-penalty weight in the shared suite (the comparison run uses 0)
 
 

@@ -25,7 +25,7 @@ CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
 
 TINY = """\
 name: uitiny
-dataset: {name: pascal_context, root: "{workdir}/data", img_size: 32, synthesize: {n: 24, size: 32, seed: 0}}
+dataset: {name: pascal_context, root: "{workdir}/data", img_size: 32, synthesize: {n: 24, size: 32, seed: 0}, holdout: 4}
 model: {flavor: vit_debug, patch_size: 8}
 tasks: [sal]
 steps: [step1, step2]
