@@ -524,7 +524,7 @@ class SharedEngine(nn.Module):
             lin = sub.linears[name]
             x_s = xs[sub.name]
             st = self._stats.get(sub.name) if self._stats else None
-            merged = lin.mode == "dense" or (lin.mode == "csr" and self._runs_merged(sub.name, name))
+            merged = lin.mode == "dense" or self._runs_merged(sub.name, name)
             if merged:  # (c) one GEMM with the merged weight W_b + M ⊙ δ: exact, the layer's dense cost
                 w_m, b_m = self._merged(name, lin)
                 ys[sub.name] = F.linear(x_s, w_m, b_m)
@@ -546,8 +546,8 @@ class SharedEngine(nn.Module):
             rows = rowmax >= tau if (tau > 0 and self.threshold_mode == "token") else rowmax > 0
             idx = rows.nonzero().squeeze(1)
             r = idx.numel() / n
-            if self._fitting(sub.name) and lin.mode == "csr" and not self._sparse_pays(r, lin):
-                # Fitting: at this τ the kept rows plus the CSR weight would cost more than the
+            if self._fitting(sub.name) and not self._sparse_pays(r, lin):
+                # Fitting: at this τ the kept rows (plus a CSR weight) would not pay against the
                 # merged layer, so the plan runs this layer merged (exact): it keeps no τ.
                 self.thresholds[sub.name].pop(name, None)
                 w_m, b_m = self._merged(name, lin)
@@ -615,10 +615,11 @@ class SharedEngine(nn.Module):
         return rows <= self.policy.gather_max and rows + lin.weight_nnz / lin.weight_numel < 1.0
 
     def _runs_merged(self, task: str, name: str) -> bool:
-        """The per-layer plan of a CSR layer, fixed by the thresholds (never by the batch, so a
-        model's outputs do not depend on what it is batched with): a layer with a τ runs sparse;
-        one without (exact) would run every row plus the CSR weight, more than the merged layer,
-        so it runs merged. ``SparsePolicy(never_above_dense=False)`` keeps every layer sparse."""
+        """The per-layer plan, fixed by the thresholds (never by the batch, so a model's outputs
+        do not depend on what it is batched with): a layer with a τ runs sparse; one without
+        (exact) would run every row (plus a CSR weight), at least the merged layer's cost, so it
+        runs merged: one plain GEMM with ``W_b + M ⊙ δ`` (``W_b`` itself for a zero delta), no
+        delta arithmetic. ``SparsePolicy(never_above_dense=False)`` keeps every layer sparse."""
         if not self.policy.never_above_dense or self._fitting(task):
             return False
         return not self.thresholds[task].get(name)

@@ -132,6 +132,8 @@ def test_skip_path_for_a_zero_delta(suite):
     engine = SharedEngine(base.encoder.cfg, "semseg", base.encoder.state_dict(), base.head, {"sal": (zero, head)},
                           collect_stats=True)
     x = torch.randn(2, 3, 32, 32)
+    assert set(engine(x) and engine.last_stats["sal"].paths.values()) == {"merged"}  # τ = 0: plain GEMMs
+    engine.set_thresholds("sal", {p: 1e-6 for p in engine.linear_paths()})  # any τ: identical rows skip
     out = engine(x)
     assert set(engine.last_stats["sal"].paths.values()) == {"skip+zero"}
     with torch.no_grad():
