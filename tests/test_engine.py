@@ -215,16 +215,18 @@ def test_from_checkpoints_and_refusal_of_another_base(suite, tmp_path):
         SharedEngine.from_checkpoints(tmp_path / "other.safetensors", {"sal": paths["sal"]})
 
 
-def test_calibrate_keeps_metric_within_tolerance(suite):
-    engine = _engine(suite)
-    torch.manual_seed(1)
+def _noisy_metric(engine, seed):
+    """A batch, its exact outputs, and a metric (higher is better) against noisy copies of them."""
+    torch.manual_seed(seed)
     x = torch.randn(2, 3, 32, 32)
     exact = engine(x)
-    noisy_targets = {t: exact[t] + torch.randn_like(exact[t]) * exact[t].std() for t in SUBTASKS}
+    targets = {t: exact[t] + torch.randn_like(exact[t]) * exact[t].std() for t in SUBTASKS}
+    return x, exact, lambda task, out: -float((out - targets[task]).abs().mean())
 
-    def metric(task, out):  # higher is better
-        return -float((out - noisy_targets[task]).abs().mean())
 
+def test_calibrate_keeps_metric_within_tolerance(suite):
+    engine = _engine(suite)
+    x, exact, metric = _noisy_metric(engine, 1)
     summary = calibrate(engine, x, metric, tolerance=0.005, steps=8)
     out = engine(x)  # the engine now runs with the chosen thresholds
     assert any(s["density"] < 1.0 for s in summary.values())
@@ -244,14 +246,7 @@ def test_calibrate_keeps_metric_within_tolerance(suite):
 
 def test_per_layer_calibration_lowers_layers_and_stays_feasible(suite):
     engine = _engine(suite)
-    torch.manual_seed(2)
-    x = torch.randn(2, 3, 32, 32)
-    exact = engine(x)
-    targets = {t: exact[t] + torch.randn_like(exact[t]) * exact[t].std() for t in SUBTASKS}
-
-    def metric(task, out):
-        return -float((out - targets[task]).abs().mean())
-
+    x, _, metric = _noisy_metric(engine, 2)
     glob = calibrate(engine, x, metric, tolerance=0.01, steps=6)
     summary = calibrate(engine, x, metric, tolerance=0.01, steps=6, per_layer=True)
     out = engine(x)
