@@ -209,6 +209,26 @@ def test_infer_writes_panels_and_raw_arrays_for_every_task(suite_run, tmp_path):
     sal = np.load(tmp_path / "out" / "odd" / "sal.npy")
     assert sal.min() >= 0 and sal.max() <= 1
 
+    # served by the shared engine at the stored τ, not by a dense model: same image through
+    # load_suite_engine reproduces the file; the dense sub-task model (τ = 0) does not
+    import torch.nn.functional as F
+
+    from mtshare.infer import load_suite_engine, prepare_image
+    from mtshare.visualize import to_prediction
+
+    engine, manifest = load_suite_engine(workdir / "store")
+    assert engine.thresholds["sal"]  # a calibrated operating point
+    x, rgb, (ch, cw) = prepare_image(img, cfg.dataset.img_size, cfg.model.patch_size)
+
+    def served(out):
+        out = F.interpolate(out[None, :, :ch, :cw], size=rgb.shape[:2], mode="bilinear", align_corners=False)[0]
+        return to_prediction("sal", out)
+
+    assert np.allclose(served(engine(x)["sal"][0]), sal, atol=1e-6)
+    with torch.no_grad():
+        dense = served(engine.dense_model("sal")(x)[0])
+    assert not np.allclose(dense, sal, atol=1e-6)
+
 
 def test_report_plots_are_written(suite_run, tmp_path):
     from mtshare.plots import accuracy_vs_flops, layer_sparsity
