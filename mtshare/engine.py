@@ -13,8 +13,9 @@ GELU, softmax attention, residuals and the heads are computed per sub-task as th
 delta of a norm, bias, the global token or the patch embedding is applied densely (it costs
 O(D) or one cheap product per token).
 
-Real sparse execution, chosen per layer (weights: once, at load; activations: every call,
-from the measured sparsity of that call):
+Real sparse execution, chosen per layer (weights: once, at load; merged or not: by the layer's
+τ — a layer without one runs merged, see ``_runs_merged`` —; activation paths: every call, from
+the measured sparsity of that call):
 
 weight part ``(M ⊙ δ) · x_s``
     ``zero``   δ is all zero: nothing to do;
@@ -285,22 +286,38 @@ class SharedEngine(nn.Module):
 
     # --- construction -------------------------------------------------------------------------
 
-    @classmethod
-    def from_checkpoints(cls, base_path: str | Path, subtask_paths: Mapping[str, str | Path], device="cpu",
-                         dtype: torch.dtype = torch.float32, **kwargs) -> "SharedEngine":
-        """Load a base checkpoint and sub-task checkpoints; every sub-task must have been made
-        against this very base file (sha256), else :class:`CheckpointError`."""
-        base_sha = ckpt.sha256_file(base_path)
-        enc_sd, head_sd, manifest = ckpt.load_dense(base_path, expected_sha256=base_sha)
+    @staticmethod
+    def _read_base(base_path: str | Path, base_sha256: str | None) -> tuple[ViTConfig, str, dict, dict]:
+        enc_sd, head_sd, manifest = ckpt.load_dense(base_path, expected_sha256=base_sha256)
         if manifest.get("kind") != "base":
             raise ckpt.CheckpointError(f"{base_path}: not a base checkpoint (kind '{manifest.get('kind')}')")
-        cfg = _infer_config(enc_sd, manifest)
+        return _infer_config(enc_sd, manifest), manifest.get("task", "semseg"), enc_sd, head_sd
+
+    @classmethod
+    def from_base_checkpoint(cls, base_path: str | Path, subtasks: Mapping[str, tuple], base_sha256: str | None = None,
+                             **kwargs) -> "SharedEngine":
+        """The engine over a base checkpoint (its sha256 checked when given) and in-memory
+        sub-tasks ``{task: (deltas, head)}`` (a training stage's own model)."""
+        cfg, base_task, enc_sd, head_sd = cls._read_base(base_path, base_sha256)
+        return cls(cfg, base_task, enc_sd, head_sd, subtasks, **kwargs)
+
+    @classmethod
+    def from_checkpoints(cls, base_path: str | Path, subtask_paths: Mapping[str, str | Path], device="cpu",
+                         dtype: torch.dtype = torch.float32, *, base_sha256: str | None = None,
+                         subtask_sha256: Mapping[str, str] | None = None, **kwargs) -> "SharedEngine":
+        """Load a base checkpoint and sub-task checkpoints; every sub-task must have been made
+        against this very base file (sha256), else :class:`CheckpointError`. ``base_sha256`` /
+        ``subtask_sha256`` (by task): the checksums the files must have (a suite's results).
+        Thresholds start at τ = 0 (exact); a suite as served is ``mtshare.infer.load_suite_engine``."""
+        base_sha = base_sha256 or ckpt.sha256_file(base_path)
+        cfg, base_task, enc_sd, head_sd = cls._read_base(base_path, base_sha)
         subs = {}
         for task, path in subtask_paths.items():
-            deltas, sub_head, sub_manifest = ckpt.load_subtask(path, base_sha256=base_sha)
+            deltas, sub_head, _ = ckpt.load_subtask(path, base_sha256=base_sha,
+                                                    expected_sha256=(subtask_sha256 or {}).get(task))
             ckpt.check_keys(path, set(deltas), set(enc_sd), "deltas")
             subs[task] = (deltas, sub_head)
-        return cls(cfg, manifest.get("task", "semseg"), enc_sd, head_sd, subs, device=device, dtype=dtype, **kwargs)
+        return cls(cfg, base_task, enc_sd, head_sd, subs, device=device, dtype=dtype, **kwargs)
 
     def _delta_linear(self, name: str, deltas: Mapping[str, torch.Tensor]) -> _DeltaLinear:
         w_b, b_b = self.base[f"{name}.weight"], self.base[f"{name}.bias"]
@@ -524,16 +541,8 @@ class SharedEngine(nn.Module):
             lin = sub.linears[name]
             x_s = xs[sub.name]
             st = self._stats.get(sub.name) if self._stats else None
-            merged = lin.mode == "dense" or self._runs_merged(sub.name, name)
-            if merged:  # (c) one GEMM with the merged weight W_b + M ⊙ δ: exact, the layer's dense cost
-                w_m, b_m = self._merged(name, lin)
-                ys[sub.name] = F.linear(x_s, w_m, b_m)
-                if st is not None:
-                    diff = (x_s - x_b).reshape(n, d_in)
-                    nnz = int(torch.count_nonzero(diff))
-                    rows = float((diff.abs().amax(dim=1) > 0).float().mean())
-                    self._record(st, name, "merged", nnz / (n * d_in), rows, 1.0, executed=2.0 * n * d_in * d_out,
-                                 theoretical=2.0 * (nnz * d_out + n * lin.weight_nnz), dense=2.0 * n * d_in * d_out)
+            if lin.mode == "dense" or self._runs_merged(sub.name, name):
+                ys[sub.name] = self._linear_merged(name, lin, x_s, x_b, st)
                 continue
 
             delta = (x_s - x_b).reshape(n, d_in)
@@ -550,11 +559,7 @@ class SharedEngine(nn.Module):
                 # Fitting: at this τ the kept rows (plus a CSR weight) would not pay against the
                 # merged layer, so the plan runs this layer merged (exact): it keeps no τ.
                 self.thresholds[sub.name].pop(name, None)
-                w_m, b_m = self._merged(name, lin)
-                ys[sub.name] = F.linear(x_s, w_m, b_m)
-                if st is not None:
-                    self._record(st, name, "merged", 1.0, 1.0, 1.0, executed=2.0 * n * d_in * d_out,
-                                 theoretical=2.0 * n * (d_in * d_out + lin.weight_nnz), dense=2.0 * n * d_in * d_out)
+                ys[sub.name] = self._linear_merged(name, lin, x_s, x_b, st)
                 continue
 
             y = y_b.reshape(n, d_out)
@@ -597,6 +602,21 @@ class SharedEngine(nn.Module):
                 ys[task].index_add_(0, idx, part)
         return y_b, {t: y.reshape(y_b.shape) for t, y in ys.items()}
 
+    def _linear_merged(self, name: str, lin: _DeltaLinear, x_s: torch.Tensor, x_b: torch.Tensor,
+                       st: TaskStats | None) -> torch.Tensor:
+        """(c) one GEMM with the merged weight ``W_b + M ⊙ δ``: exact, the layer's dense cost."""
+        w_m, b_m = self._merged(name, lin)
+        y = F.linear(x_s, w_m, b_m)
+        if st is not None:
+            d_out, d_in = w_m.shape
+            diff = (x_s - x_b).reshape(-1, d_in)
+            n = diff.shape[0]
+            nnz = int(torch.count_nonzero(diff))
+            rows = float((diff.abs().amax(dim=1) > 0).float().mean())
+            self._record(st, name, "merged", nnz / (n * d_in), rows, 1.0, executed=2.0 * n * d_in * d_out,
+                         theoretical=2.0 * (nnz * d_out + n * lin.weight_nnz), dense=2.0 * n * d_in * d_out)
+        return y
+
     def _record(self, st: TaskStats, name: str, path: str, density: float, row_density: float, rows_run: float,
                 executed: float, theoretical: float, dense: float) -> None:
         st.paths[name] = path
@@ -628,7 +648,8 @@ class SharedEngine(nn.Module):
         return self._fit_density is not None and task in self._fit_density
 
     def _merged(self, name: str, lin: _DeltaLinear) -> tuple[torch.Tensor, torch.Tensor]:
-        """``W_b + M ⊙ δ`` (and bias) of a CSR layer, built on first use and kept."""
+        """``W_b + M ⊙ δ`` (and bias) of a layer: made at load for a dense delta, on first use for
+        a CSR or zero one (``W_b`` itself then, no copy), and kept."""
         if lin.merged_w is None:
             merged = self._merged_linear(name, lin)
             lin.merged_w, lin.merged_b = merged[f"{name}.weight"], merged[f"{name}.bias"]

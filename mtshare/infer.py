@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from mtshare import checkpoint as ckpt
 from mtshare.data import read_image
 from mtshare.data.transforms import normalize
-from mtshare.engine import SharedEngine, _infer_config
+from mtshare.engine import SharedEngine
 from mtshare.report import STEP_ORDER, load_results
 from mtshare.visualize import colorize, save_panel, to_prediction
 
@@ -47,22 +47,13 @@ def load_suite_engine(store: str | Path, device: str | torch.device = "cpu", **e
     if "base" not in results:
         raise ckpt.CheckpointError(f"{store}: no finished base stage")
     base_path = store / "base/model.safetensors"
-    base_sha = results["base"]["checksum"]
-    base_enc, base_head, base_manifest = ckpt.load_dense(base_path, expected_sha256=base_sha)
-    subtasks, taus = {}, {}
-    for task, r in final_stages(results).items():
-        if r["kind"] not in STEP_ORDER:
-            continue
-        path = store / r["stage"] / "model.safetensors"
-        deltas, head, manifest = ckpt.load_subtask(path, base_sha256=base_sha, expected_sha256=r["checksum"])
-        ckpt.check_keys(path, set(deltas), set(base_enc), "deltas")
-        subtasks[task] = (deltas, head)
-        taus[task] = (manifest.get("operating_point") or {}).get("tau") or {}
-    cfg = _infer_config(base_enc, base_manifest)
-    engine = SharedEngine(cfg, base_manifest["task"], base_enc, base_head, subtasks, device=device, **engine_kw)
-    for task, tau in taus.items():
-        engine.set_thresholds(task, tau)
-    return engine, base_manifest
+    served = {t: r for t, r in final_stages(results).items() if r["kind"] in STEP_ORDER}
+    paths = {t: store / r["stage"] / "model.safetensors" for t, r in served.items()}
+    engine = SharedEngine.from_checkpoints(base_path, paths, device, base_sha256=results["base"]["checksum"],
+                                           subtask_sha256={t: r["checksum"] for t, r in served.items()}, **engine_kw)
+    for task, path in paths.items():
+        engine.set_thresholds(task, (ckpt.read_manifest(path).get("operating_point") or {}).get("tau") or {})
+    return engine, ckpt.read_manifest(base_path)
 
 
 def prepare_image(path: Path, size: int, patch: int) -> tuple[torch.Tensor, np.ndarray, tuple[int, int]]:

@@ -17,24 +17,12 @@ The τ go into the sub-task checkpoint's manifest (``operating_point.tau``); ``r
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
 
-from mtshare import checkpoint as ckpt
-from mtshare.engine import SharedEngine, _infer_config, calibrate
+from mtshare.engine import SharedEngine, calibrate
 from mtshare.tasks import get_task
-
-
-def engine_for(base_path: str | Path, base_sha256: str | None, subtasks: Mapping[str, tuple], *,
-               device: str | torch.device = "cpu", **kw) -> SharedEngine:
-    """The engine over a base checkpoint and in-memory sub-tasks ``{task: (deltas, head)}``."""
-    enc_sd, head_sd, manifest = ckpt.load_dense(base_path, expected_sha256=base_sha256)
-    if manifest.get("kind") != "base":
-        raise ckpt.CheckpointError(f"{base_path}: not a base checkpoint")
-    cfg = _infer_config(enc_sd, manifest)
-    return SharedEngine(cfg, manifest.get("task", "semseg"), enc_sd, head_sd, subtasks, device=device, **kw)
 
 
 def _meter(task: str, dataset: str, meter_options: Mapping | None):
