@@ -184,7 +184,10 @@ class RayExecutor:
             scaling_config=ScalingConfig(num_workers=r.workers, use_gpu=r.gpus_per_worker > 0,
                                          resources_per_worker=worker_resources(self.cfg, spec.task)),
             run_config=RunConfig(
-                name=f"{spec.suite}.{spec.name.replace('/', '.')}", storage_path=path, storage_filesystem=fs,
+                # One Ray Train run per launch: Ray rewrites its run snapshot in place, so a driver
+                # killed mid-write would leave the next launch of the same run name unreadable.
+                name=f"{spec.suite}.{spec.name.replace('/', '.')}.{job['launch_id'][:12]}",
+                storage_path=path, storage_filesystem=fs,
                 failure_config=FailureConfig(max_failures=self.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=1),
                 logging_config=LoggingConfig(log_level="WARNING"),
