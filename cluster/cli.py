@@ -264,7 +264,7 @@ def _make_executor(cfg: SuiteConfig, storage: Storage, ds_config: dict, name: st
     if name == "inprocess":
         from cluster.executors import InProcessExecutor
 
-        return InProcessExecutor(cfg)
+        return InProcessExecutor(cfg, storage)
     _check_ray_address(address)  # before importing Ray: an unreachable address fails in milliseconds
     from cluster.executors import RayExecutor
 

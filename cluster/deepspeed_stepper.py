@@ -46,6 +46,9 @@ def stage_ds_config(base: dict, batch_size: int, grad_clip: float | None) -> dic
     cfg.pop("train_batch_size", None)  # derived by DeepSpeed: micro batch x accumulation x world
     cfg["gradient_clipping"] = float(grad_clip) if grad_clip else 0.0
     cfg.setdefault("steps_per_print", 10**9)
+    if cfg.get("zero_optimization", {}).get("stage", 0) in (1, 2):
+        # Elastic ZeRO checkpoints can be loaded by another worker count (see load_state).
+        cfg["zero_optimization"].setdefault("elastic_checkpoint", True)
     for key in ("fp16", "bf16"):
         if cfg.get(key, {}).get("enabled"):
             log.warning("deepspeed: ignoring %s.enabled (the trainer autocasts bf16 itself)", key)
@@ -102,9 +105,6 @@ class DeepSpeedStepper:
             self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.module_for_forward = self.engine
         self.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
-        # The torch optimiser that holds the Adam moments: ZeRO wraps the client optimiser
-        # (``.optimizer``) and hands it flat fp32 partitions of this rank.
-        self._inner = getattr(self.optimizer, "optimizer", self.optimizer)
 
     @property
     def param_groups(self) -> list[dict]:
@@ -120,34 +120,57 @@ class DeepSpeedStepper:
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else math.nan
 
-    def optimizer_state(self) -> dict:
-        """Every rank's moments (ZeRO partitions them), gathered so rank 0 can save them all.
-        Collective: every rank calls it (the Trainer does)."""
-        local = self._inner.state_dict()
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        per_rank = [local]
-        if world > 1:
-            per_rank = [None] * world
-            dist.all_gather_object(per_rank, local)
-        return {"format": "deepspeed", "zero_stage": self.zero_stage, "world_size": world, "per_rank": per_rank}
+    def save_state(self, directory: Path) -> None:
+        """DeepSpeed's own checkpoint, into ``directory/deepspeed``: every rank writes its ZeRO
+        shard (``zero_pp_rank_<r>_*``) and rank 0 the module states. Collective. Each rank's
+        files stay on its node until Ray Train uploads them into one checkpoint directory."""
+        self.engine.save_checkpoint(str(directory), tag=DS_TAG, save_latest=False)
 
-    def load_optimizer_state(self, state: dict | None) -> None:
-        # The Trainer has just loaded the model weights: ZeRO's fp32 master partitions are a
-        # separate copy and would overwrite them at the next step unless refreshed.
+    def load_state(self, directory: Path) -> None:
+        """Load what :meth:`save_state` wrote, whatever world size wrote it: ZeRO-1/2 checkpoints
+        are saved elastic (``elastic_checkpoint``), so DeepSpeed re-partitions the moments when
+        the worker count changed. Files are read with ``torch.load(weights_only=True)``."""
+        if not (directory / DS_TAG).is_dir():
+            # A resume state from the plain stepper (or from before this format): the weights and
+            # counters were restored by the Trainer; the moments start fresh.
+            log.warning("resume: %s has no DeepSpeed state; optimizer moments start fresh", directory)
+            self._refresh_master_weights()
+            return
+        self.engine.checkpoint_engine = _WeightsOnlyCheckpointEngine(self.engine.checkpoint_engine)
+        path, _ = self.engine.load_checkpoint(str(directory), tag=DS_TAG, load_module_strict=True,
+                                              load_optimizer_states=True, load_lr_scheduler_states=False)
+        if path is None:
+            raise RuntimeError(f"{directory}: DeepSpeed found no checkpoint to load")
+
+    def _refresh_master_weights(self) -> None:
+        # ZeRO's fp32 master partitions are a copy of the weights the Trainer just loaded; they
+        # would overwrite them at the next step unless refreshed.
         refresh = getattr(self.optimizer, "refresh_fp32_params", None)
         if refresh is not None:
             refresh()
-        if not state:
-            return
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        if state.get("format") != "deepspeed" or state.get("world_size") != world or state.get("zero_stage") != self.zero_stage:
-            # Partitions are laid out per world size and stage: moments from another layout do not
-            # map onto this one. Weights and the iteration counter are restored all the same.
-            log.warning("resume: optimizer moments saved for another layout (%s); starting them fresh",
-                        {k: state.get(k) for k in ("format", "world_size", "zero_stage")})
-            return
-        self._inner.load_state_dict(state["per_rank"][rank])
+
+
+DS_TAG = "deepspeed"
+
+
+class _WeightsOnlyCheckpointEngine:
+    """DeepSpeed's torch checkpoint engine, but loading with ``weights_only=True`` (our rule for
+    every file read back: no pickled code). A ZeRO shard holds three DeepSpeed classes beside
+    tensors and plain containers; they are allow-listed for the load and nothing else is."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def load(self, path: str, map_location=None):
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
 
 
 def make_wrap(ds_config: dict, batch_size: int):

@@ -1,9 +1,10 @@
-"""Where a stage runs: on Ray (a ``TorchTrainer`` per stage) or in the driver's process.
+"""Where a pipeline runs: on Ray (one ``TorchTrainer`` per pipeline) or in the driver's process.
 
-Both executors run the same :func:`cluster.stage_runner.run_stage_worker`; they differ in how
-many workers a stage gets, where they are placed, and which stepper trains (DeepSpeed under
-Ray, plain torch in-process). The driver (``scheduler.py``) calls :meth:`run` from one thread
-per running stage; ``run`` blocks until the stage ends and returns its outcome dict.
+Both executors run the same :func:`cluster.stage_runner.run_pipeline_worker`; they differ in
+how many workers a pipeline gets, where they are placed, which stepper trains (DeepSpeed under
+Ray, plain torch in-process) and who keeps the checkpoints (Ray Train, or a copy to storage).
+The driver (``scheduler.py``) calls :meth:`run` from one thread per running pipeline; ``run``
+blocks until the pipeline ends and returns ``{"stages": [outcome, ...]}``.
 """
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ import json
 import logging
 import os
 import re
+import shutil
 import threading
 from pathlib import Path
 
 from mtshare.config import ConfigError, SuiteConfig
 from mtshare.stages import StageSpec
 
-from cluster.stage_runner import run_stage_worker, stage_train_func
+from cluster.stage_runner import CHECKPOINTS, cache_root, fetch_checkpoint, pipeline_train_func, run_pipeline_worker
 from cluster.storage import Storage, ray_train_storage
 
 log = logging.getLogger(__name__)
@@ -69,8 +71,8 @@ class InProcessExecutor:
 
     name = "inprocess"
 
-    def __init__(self, cfg: SuiteConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: SuiteConfig, storage: Storage):
+        self.cfg, self.storage = cfg, storage
         self.board = LocalBoard()
 
     def capacity(self) -> dict[str, float]:
@@ -85,8 +87,23 @@ class InProcessExecutor:
     def drain_events(self) -> list[dict]:
         return self.board.drain()
 
-    def run(self, spec: StageSpec, job: dict) -> dict:
-        return run_stage_worker({**job, "board": self.board}, device=spec.device)
+    def run(self, specs: list[StageSpec], job: dict) -> dict:
+        def report(metrics: dict, checkpoint_dir: str | None, name: str | None) -> None:
+            # What Ray Train's report does with a checkpoint: a copy in the suite's storage.
+            if checkpoint_dir:
+                for f in sorted(Path(checkpoint_dir).rglob("*")):
+                    if f.is_file():
+                        self.storage.put(f, f"{CHECKPOINTS}/{job['run']}/{name}/{f.relative_to(checkpoint_dir).as_posix()}")
+
+        start = None
+        local = cache_root() / "work" / job["launch_id"] / "start"
+        if job.get("resume_from"):
+            start = fetch_checkpoint(self.storage, job["resume_from"], local)
+        try:
+            return run_pipeline_worker({**job, "board": self.board}, device=specs[0].device, report=report,
+                                       checkpoint=start)
+        finally:
+            shutil.rmtree(local, ignore_errors=True)
 
     def describe(self) -> str:
         return "in-process (plain PyTorch, one stage at a time)"
@@ -172,35 +189,38 @@ class RayExecutor:
 
         return ray.get(self.board.drain.remote())
 
-    def run(self, spec: StageSpec, job: dict) -> dict:
+    def run(self, specs: list[StageSpec], job: dict) -> dict:
+        import ray.train
         from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
         path, fs = ray_train_storage(self.storage)
-        r = self.cfg.resources
+        r, spec = self.cfg.resources, specs[0]
+        resume_from = None
+        if job.get("resume_from"):  # an earlier launch's checkpoint: get_checkpoint() returns it first
+            key = job["resume_from"][len(CHECKPOINTS) + 1:]
+            resume_from = ray.train.Checkpoint(path=f"{path}/{key}", filesystem=fs)
         trainer = TorchTrainer(
-            stage_train_func,
+            pipeline_train_func,
             train_loop_config={**job, "board": self.board},
             scaling_config=ScalingConfig(num_workers=r.workers, use_gpu=r.gpus_per_worker > 0,
                                          resources_per_worker=worker_resources(self.cfg, spec.task)),
             run_config=RunConfig(
-                # One Ray Train run per launch: Ray rewrites its run snapshot in place, so a driver
-                # killed mid-write would leave the next launch of the same run name unreadable.
-                name=f"{spec.suite}.{spec.name.replace('/', '.')}.{job['launch_id'][:12]}",
-                storage_path=path, storage_filesystem=fs,
+                name=job["run"], storage_path=path, storage_filesystem=fs,
                 failure_config=FailureConfig(max_failures=self.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=1),
                 logging_config=LoggingConfig(log_level="WARNING"),
             ),
             torch_config=TorchConfig(backend="nccl" if spec.device == "cuda" else "gloo"),
+            resume_from_checkpoint=resume_from,
         )
         try:
             result = trainer.fit()
-        except Exception as e:  # noqa: BLE001 - TrainingFailedError & co: the stage failed
-            return {"stage": spec.name, "status": "failed", "error": short_error(e)}
+        except Exception as e:  # noqa: BLE001 - TrainingFailedError & co: the running step failed
+            return {"stages": [], "error": short_error(e)}
         metrics = result.metrics or {}
         if "outcome" not in metrics:
-            return {"stage": spec.name, "status": "failed", "error": "the stage's workers reported no outcome"}
+            return {"stages": [], "error": "the pipeline's workers reported no outcome"}
         return json.loads(metrics["outcome"])
 
     def describe(self) -> str:

@@ -3,18 +3,22 @@
     base ──► <task>/step1 ──► <task>/step2 ──► <task>/step3      (every sub-task, concurrently)
     <task>/step0                                                  (references: need nothing)
 
-Scheduling rule: a stage starts when every stage it depends on is ``done`` — committed in the
-state file with the checksum of its checkpoint, which the driver re-reads from storage before
-committing — and the cluster has room for it. So the moment the base is committed, every
-sub-task pipeline's step1 becomes ready at once; each pipeline then advances on its own. Room
-is judged from the cluster's total resources minus what running stages asked for
-(workers × per-worker CPUs/GPUs/custom resources); Ray's placement does the rest.
+Scheduling rule: a stage is ready when every stage it depends on is ``done`` — committed in
+the state file with the checksum of its checkpoint, which the driver re-reads from storage
+before committing. A ready stage is launched together with the steps that follow it in its
+sub-task (step1 → step2 → step3) as one *pipeline*: one executor run (for Ray: one Ray Train
+``fit``, whose start-up is paid once) that trains the steps in turn. The workers report each
+step's end as an event; the driver commits that step (checksum, state file, its own MLflow
+run) while the next one trains. So the moment the base is committed, every sub-task pipeline
+starts at once, when the cluster has room for it: room is judged from the cluster's total
+resources minus what running pipelines asked for (workers × per-worker CPUs/GPUs/custom
+resources); Ray's placement does the rest.
 
-Each running stage occupies one driver thread that blocks in the executor's ``run`` (for Ray:
-``TorchTrainer.fit``); the driver's own loop drains progress events, commits finished stages
-and launches ready ones. A failed stage fails alone: its pipeline's later steps stay
-``pending`` (marked blocked) and every other pipeline goes on. The suite ends ``done`` or
-``failed`` with the failed stages and their errors.
+Each running pipeline occupies one driver thread that blocks in the executor's ``run``; the
+driver's own loop drains progress events, commits finished steps and launches ready stages. A
+failed step fails alone: its pipeline's later steps stay ``pending`` (marked blocked) and every
+other pipeline goes on. The suite ends ``done`` or ``failed`` with the failed stages and their
+errors.
 
 Resume (:meth:`SuiteDriver.run` on an existing state) first verifies every ``done`` stage —
 checkpoint present, sha256 equal to the recorded checksum, trained from the inputs that are
@@ -34,7 +38,7 @@ from typing import Any, Callable
 from mtshare.config import ConfigError, SuiteConfig
 from mtshare.stages import StageSpec, downstream, plan
 
-from cluster.stage_runner import RESULT_FILE, claim_stage, make_job
+from cluster.stage_runner import CHECKPOINTS, RESULT_FILE, checkpoint_format, claim_stage, find_resume, make_job
 from cluster.state import StateBook, driver_identity, new_state
 from cluster.storage import LocalStorage, Storage, unwrap
 
@@ -165,7 +169,8 @@ class SuiteDriver:
         self.work = remaining_work(self.specs)
         self.book: StateBook | None = None
         self.idle = False  # set when run() found a finished, verified suite and did nothing
-        self.running: dict[str, tuple[cf.Future, dict[str, float]]] = {}
+        # Running pipelines by the name of their first stage: (future, demand, stage names).
+        self.running: dict[str, tuple[cf.Future, dict[str, float], list[str]]] = {}
         self._last_progress_save = 0.0
         self._capacity: dict[str, float] = {}
         self._capacity_at = 0.0
@@ -272,11 +277,11 @@ class SuiteDriver:
     def _loop(self, pool: cf.ThreadPoolExecutor) -> None:
         while True:
             self._apply_events(self.executor.drain_events())
-            for name, (fut, _) in list(self.running.items()):
+            for name, (fut, _, names) in list(self.running.items()):
                 if fut.done():
                     del self.running[name]
                     self._apply_events(self.executor.drain_events())  # its last events first
-                    self._on_finished(name, fut)
+                    self._on_finished(names, fut)
             launched = self._launch_ready(pool)
             if time.time() - self._last_progress_save > HEARTBEAT_S:
                 self.book.save()  # the heartbeat `status` uses to tell a live driver from a dead one
@@ -284,14 +289,18 @@ class SuiteDriver:
             self.on_update(self.book.snapshot())
             if not self.running and not launched:
                 return
-            futures = [f for f, _ in self.running.values()]
+            futures = [f for f, _, _ in self.running.values()]
             cf.wait(futures, timeout=self.poll_s, return_when=cf.FIRST_COMPLETED)
+
+    def _in_pipelines(self) -> set[str]:
+        return {n for _, _, names in self.running.values() for n in names}
 
     def _ready(self) -> list[StageSpec]:
         ready = []
+        taken = self._in_pipelines()
         for name in self.order:
             st = self.book.stage(name)
-            if st["status"] != "pending" or name in self.running:
+            if st["status"] != "pending" or name in taken:
                 continue
             deps = [self.book.stage(d) for d in self.specs[name].depends_on]
             if all(d["status"] == "done" for d in deps):
@@ -312,7 +321,7 @@ class SuiteDriver:
             return True  # never deadlock on accounting: Ray's own placement has the last word
         cap = self._capacity_now()
         used: dict[str, float] = {}
-        for _, d in self.running.values():
+        for _, d, _ in self.running.values():
             for k, v in d.items():
                 used[k] = used.get(k, 0.0) + v
         return all(used.get(k, 0.0) + v <= cap.get(k, 0.0) + 1e-9 for k, v in demand.items())
@@ -327,11 +336,33 @@ class SuiteDriver:
             launched = True
         return launched
 
+    def pipeline_of(self, spec: StageSpec) -> list[StageSpec]:
+        """``spec`` and the pending steps that follow it in its sub-task, in order."""
+        specs = [spec]
+        while True:
+            nxt = next((s for s in self.specs.values() if s.depends_on and _prev_name(s) == specs[-1].name), None)
+            if nxt is None or self.book.stage(nxt.name)["status"] != "pending":
+                return specs
+            specs.append(nxt)
+
     def _launch(self, pool: cf.ThreadPoolExecutor, spec: StageSpec, demand: dict[str, float]) -> None:
-        st = self.book.stage(spec.name)
+        specs = self.pipeline_of(spec)
         base_sha = self.book.stage("base")["checksum"] if spec.base_key else None
         prev = _prev_name(spec)
         prev_sha = self.book.stage(prev)["checksum"] if prev else None
+        fmt = checkpoint_format(self.ds_config, self.executor.name == "ray")
+        resume_from = find_resume(self.storage, spec, {"base": base_sha, "prev": prev_sha}, fmt)
+        job = make_job(specs, self.storage, base_sha256=base_sha, prev_sha256=prev_sha, ds_config=self.ds_config,
+                       cpus_per_worker=self.cfg.resources.cpus_per_worker, resume_from=resume_from)
+        for s in specs:
+            claim_stage(self.storage, s, job["launch_id"])
+            self.book.update(s.name, save=False, run=job["run"])  # the Ray Train run that trains it
+        self._start_stage(spec)
+        self.running[spec.name] = (pool.submit(self.executor.run, specs, job), demand, [s.name for s in specs])
+
+    def _start_stage(self, spec: StageSpec) -> None:
+        """A step begins: ``running`` in the state file, its MLflow run (re)opened."""
+        st = self.book.stage(spec.name)
         run_id = self.tracker.start_stage(
             self.book.state["mlflow_run_id"], spec,
             {"workers": self.cfg.resources.workers, "executor": self.executor.name,
@@ -340,10 +371,6 @@ class SuiteDriver:
         ) or st.get("mlflow_run_id")
         self.book.update(spec.name, status="running", started=time.time(), ended=None, error=None, node=None,
                          host=None, mlflow_run_id=run_id, iteration=0)
-        job = make_job(spec, self.storage, base_sha256=base_sha, prev_sha256=prev_sha, ds_config=self.ds_config,
-                       cpus_per_worker=self.cfg.resources.cpus_per_worker)
-        claim_stage(self.storage, spec, job["launch_id"])
-        self.running[spec.name] = (pool.submit(self.executor.run, spec, job), demand)
 
     # --- events and outcomes ----------------------------------------------------------------
     def _apply_events(self, events: list[dict]) -> None:
@@ -354,6 +381,13 @@ class SuiteDriver:
                 continue
             st = self.book.stage(name)
             kind = ev["type"]
+            if kind == "start" and st["status"] == "pending":  # the pipeline's next step begins
+                self._start_stage(self.specs[name])
+                st = self.book.stage(name)
+            if kind == "done":
+                if st["status"] == "running":
+                    self._commit(name, ev["outcome"])
+                continue
             if kind == "start":
                 self.book.update(name, save=False, attempts=st["attempts"] + 1, node=ev["node"], host=ev.get("host"),
                                  worker_started=ev["time"], worker_pid=ev.get("pid"))
@@ -377,14 +411,30 @@ class SuiteDriver:
             self.book.save()
             self._last_progress_save = time.time()
 
-    def _on_finished(self, name: str, fut: cf.Future) -> None:
-        spec = self.specs[name]
+    def _on_finished(self, names: list[str], fut: cf.Future) -> None:
+        """A pipeline ended: steps committed from events stay; the outcomes commit the others
+        (an event can be lost); the running step without an outcome failed with the run's error;
+        steps after a failure stay pending, blocked."""
         try:
-            outcome = fut.result()
+            result = fut.result()
         except Exception as e:  # noqa: BLE001 - the executor itself failed
             from cluster.executors import short_error
 
-            outcome = {"status": "failed", "error": short_error(e)}
+            result = {"stages": [], "error": short_error(e)}
+        outcomes = {o["stage"]: o for o in result.get("stages", [])}
+        for name in names:
+            st = self.book.stage(name)
+            if st["status"] == "pending" and name not in outcomes:
+                continue  # never started: blocked by an earlier step (see _ready)
+            if st["status"] == "done":
+                continue
+            if st["status"] == "pending":
+                self._start_stage(self.specs[name])
+            self._commit(name, outcomes.get(name) or {"status": "failed", "error": result.get("error") or "unknown error"})
+
+    def _commit(self, name: str, outcome: dict) -> None:
+        """Record a step's end: ``done`` after its checkpoint is verified in storage, else ``failed``."""
+        spec = self.specs[name]
         st = self.book.stage(name)
         if outcome.get("status") == "done":
             problem = self._commit_check(spec, outcome)
@@ -423,8 +473,9 @@ class SuiteDriver:
         atomic_write_bytes(self._mirror / spec.output_dir_key / RESULT_FILE, json.dumps(result, indent=1).encode())
 
     def _interrupted(self) -> None:
-        for name in list(self.running):
-            self.book.update(name, save=False, status="failed", ended=time.time(), error="interrupted: driver stopped")
+        for name in self._in_pipelines():
+            if self.book.stage(name)["status"] == "running":
+                self.book.update(name, save=False, status="failed", ended=time.time(), error="interrupted: driver stopped")
         self.book.update(state="failed", error="interrupted: driver stopped", ended=time.time())
 
     def _finish(self) -> dict:
@@ -435,6 +486,7 @@ class SuiteDriver:
             self.book.update(save=False, state="failed", error="failed stages: " + "; ".join(parts))
         else:
             self.book.update(save=False, state="done", error=None)
+            self.storage.delete_prefix(CHECKPOINTS)  # every step is committed: no resume state is needed
         self.book.update(ended=time.time())
         self.tracker.finish_suite(self.book.state["mlflow_run_id"], self.book.state["state"], self._summary())
         self.on_update(self.book.snapshot())

@@ -1,20 +1,26 @@
-"""The stage runner: what every Ray Train worker of a stage executes.
+"""The pipeline runner: what every Ray Train worker of a pipeline executes.
 
-``stage_train_func(config)`` is the ``train_loop_per_worker`` of a ``TorchTrainer``. Its
-``config`` is a *stage job* (:func:`make_job`), plain JSON plus an optional progress-board
-actor handle, so nothing but the job crosses the driver → worker boundary:
+A *pipeline* is the unit the driver launches: one stage (the base, a step0 reference) or a
+sub-task's remaining sharing steps (step1 → step2 → step3), trained in turn by one Ray Train
+run so that the run's start-up is paid once per sub-task. ``pipeline_train_func(config)`` is the
+``train_loop_per_worker`` of its ``TorchTrainer``; ``config`` is a *job* (:func:`make_job`),
+plain JSON plus an optional progress-board actor handle. For each step not yet completed:
 
-1. rebuild the :class:`StageSpec` from its dict and reopen the suite's storage;
-2. fetch inputs from storage into a node-local cache, verifying each one's sha256 (the driver
-   took it from the state file) *before* it appears under its cache name;
-3. fetch the stage's mid-stage resume state (``resume.pt`` + ``resume.json``) if storage holds
-   one made from the same inputs, so a restarted stage continues where it stopped;
-4. run the ``mtshare`` Trainer with DeepSpeed as its stepper; every resume checkpoint it
-   writes is uploaded to storage (rank 0) and reported to Ray Train (all ranks);
-5. upload the outputs (weights first, ``result.json`` last) and report the outcome.
+1. fetch its inputs from storage into a node-local cache, verifying each one's sha256 (the
+   driver took the base's from the state file; the previous step's comes from the step that
+   just produced it) *before* it appears under its cache name;
+2. train it with the ``mtshare`` Trainer and DeepSpeed as its stepper. Every resume state (the
+   Trainer's weights and counters plus DeepSpeed's own checkpoint, one ZeRO shard per rank) is
+   reported to Ray Train as a checkpoint; on a restart ``ray.train.get_checkpoint()`` hands it
+   back and the step continues where it stopped;
+3. upload its outputs (weights first, ``result.json`` last), tell the driver (which commits the
+   step: checksum, state file, MLflow run) and report a checkpoint that records the step as
+   completed, so that a restart skips it.
 
-The same :func:`run_stage_worker` also runs in-process (``--executor inprocess``: one rank,
-plain torch stepper), which keeps one code path for inputs, resume and outputs.
+A later launch of the pipeline (``resume`` after the driver died) starts from the checkpoint
+named by ``<stage>/resume.json`` when it was made from the same inputs and settings. The same
+:func:`run_pipeline_worker` runs in-process (``--executor inprocess``: one rank, plain torch
+stepper, the checkpoints copied to storage by hand), which keeps one code path.
 """
 from __future__ import annotations
 
@@ -34,26 +40,44 @@ import torch.distributed as dist
 
 from mtshare.checkpoint import sha256_file
 from mtshare.stages import MODEL_FILE, StageSpec
-from mtshare.train import BEST_FILE, RESUME_FILE, StageFailure, Trainer
+from mtshare.train import BEST_FILE, RESUME_DIR, StageFailure, Trainer
 
 from cluster.storage import Storage, StorageError, open_storage
 
-RESUME_META = "resume.json"
+RESUME_META = "resume.json"      # <stage>/resume.json: the latest checkpoint of the stage, for a later launch
 FAILURE_MARKER = "failed.json"
 LAUNCH_FILE = "launch.json"
 RESULT_FILE = "result.json"
+PIPELINE_FILE = "pipeline.json"  # in every checkpoint: the step it belongs to and the steps completed
+CHECKPOINTS = "_checkpoints"     # <storage>/_checkpoints/<run name>/<checkpoint>: Ray Train's storage_path
 CACHE_ENV = "MTSHARE_CACHE_DIR"
 
 
-def make_job(spec: StageSpec, storage: Storage, *, base_sha256: str | None, prev_sha256: str | None,
+def run_name(specs: list[StageSpec], launch_id: str) -> str:
+    """Ray Train's run name for one launch of a pipeline. A fresh name per launch: Ray rewrites
+    its run snapshot in place, and a driver killed mid-write would leave that name unreadable."""
+    return f"{specs[0].suite}.{specs[0].name.replace('/', '.')}.{launch_id[:12]}"
+
+
+def make_job(specs: list[StageSpec], storage: Storage, *, base_sha256: str | None, prev_sha256: str | None,
              ds_config: dict | None, launch_id: str | None = None, board: Any = None,
-             cpus_per_worker: float = 1) -> dict:
-    """Everything a stage's workers need, as a dict (Ray Train's ``train_loop_config``)."""
+             cpus_per_worker: float = 1, resume_from: str | None = None) -> dict:
+    """Everything a pipeline's workers need, as a dict (Ray Train's ``train_loop_config``).
+    ``prev_sha256`` is the committed input of the first step; ``resume_from`` the storage key
+    of a checkpoint of an earlier launch to start from (see :func:`find_resume`)."""
+    launch_id = launch_id or uuid.uuid4().hex
     return {
-        "spec": spec.model_dump(mode="json"), "storage": storage.describe(),
+        "specs": [s.model_dump(mode="json") for s in specs], "storage": storage.describe(),
         "base_sha256": base_sha256, "prev_sha256": prev_sha256, "deepspeed": ds_config,
-        "launch_id": launch_id or uuid.uuid4().hex, "board": board, "cpus_per_worker": cpus_per_worker,
+        "launch_id": launch_id, "run": run_name(specs, launch_id), "board": board,
+        "cpus_per_worker": cpus_per_worker, "resume_from": resume_from,
     }
+
+
+def checkpoint_format(ds_config: dict | None, deepspeed: bool) -> str:
+    if not deepspeed:
+        return "torch"
+    return f"deepspeed-zero{(ds_config or {}).get('zero_optimization', {}).get('stage', 0)}"
 
 
 # --- small helpers -------------------------------------------------------------------------
@@ -108,10 +132,6 @@ def fetch_verified(storage: Storage, key: str, sha256: str | None, cache: Path) 
         raise StageFailure(str(e)) from None
 
 
-def _inputs_of(job: dict) -> dict:
-    return {"base": job["base_sha256"], "prev": job["prev_sha256"]}
-
-
 def _param_digest(model: torch.nn.Module) -> str:
     """sha256 over every parameter and buffer, in name order: equal digests = equal weights."""
     h = hashlib.sha256()
@@ -121,89 +141,16 @@ def _param_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-# --- the Trainer with storage-backed resume -------------------------------------------------
 
-class ClusterTrainer(Trainer):
-    """``Trainer`` whose mid-stage resume checkpoints also go to shared storage (and to Ray)."""
+# --- fencing, resume pointers, outputs -------------------------------------------------------
 
-    def __init__(self, *args, on_resume_saved: Callable[["ClusterTrainer"], None] | None = None, **kwargs):
-        self._on_resume_saved = on_resume_saved
-        super().__init__(*args, **kwargs)
-
-    def save_resume(self) -> None:
-        super().save_resume()  # rank 0 writes out_dir/resume.pt; all ranks pass a barrier
-        if self._on_resume_saved is not None:
-            self._on_resume_saved(self)
-
-
-def _resume_blob_key(spec: StageSpec, iteration: int) -> str:
-    return f"{spec.output_dir_key}/resume-{iteration:09d}.pt"
-
-
-def _is_resume_blob(key: str) -> bool:
-    name = key.rsplit("/", 1)[-1]
-    return name.startswith("resume-") and name.endswith(".pt")
-
-
-def check_owner(storage: Storage, spec: StageSpec, job: dict) -> None:
+def check_owner(storage: Storage, spec: StageSpec, launch_id: str) -> None:
     """Fencing: the driver records the launch that owns a stage (``launch.json``) before starting
     it. An attempt of an older launch — a worker orphaned by a killed driver — must not write
     over the newer attempt's files, so every upload checks ownership first."""
     key = f"{spec.output_dir_key}/{LAUNCH_FILE}"
-    if storage.exists(key) and storage.read_json(key).get("launch_id") != job["launch_id"]:
+    if storage.exists(key) and storage.read_json(key).get("launch_id") != launch_id:
         raise StageFailure(f"{spec.name}: superseded by a newer launch of this stage; this attempt stops")
-
-
-def _upload_resume(storage: Storage, spec: StageSpec, job: dict, out_dir: Path, fmt: str, iteration: int) -> None:
-    """A new ``resume-<iteration>.pt`` first, then ``resume.json`` pointing at it (with its
-    sha256 and the inputs it was trained from), then the older blobs go. A crash at any point
-    leaves ``resume.json`` naming an intact blob: the pointer swap is the commit."""
-    check_owner(storage, spec, job)
-    local = out_dir / RESUME_FILE
-    key = _resume_blob_key(spec, iteration)
-    storage.put(local, key)
-    storage.write_json(f"{spec.output_dir_key}/{RESUME_META}",
-                       {"key": key, "iteration": iteration, "sha256": sha256_file(local), "inputs": _inputs_of(job),
-                        "format": fmt, "fingerprint": spec.fingerprint(), "time": time.time()})
-    for old in storage.list(spec.output_dir_key):
-        if _is_resume_blob(old) and old != key:
-            storage.delete(old)
-
-
-def fetch_resume(storage: Storage, spec: StageSpec, job: dict, out_dir: Path, fmt: str) -> int | None:
-    """Place the stage's stored resume state in ``out_dir`` when it is valid for this run: same
-    inputs, same training settings (:meth:`StageSpec.fingerprint`), same optimiser-state format,
-    intact bytes. Returns its iteration, or None."""
-    meta_key = f"{spec.output_dir_key}/{RESUME_META}"
-    (out_dir / RESUME_FILE).unlink(missing_ok=True)
-    if not storage.exists(meta_key):
-        return None
-    meta = storage.read_json(meta_key)
-    if meta.get("inputs") != _inputs_of(job) or meta.get("format") != fmt:
-        return None  # made from other inputs (an upstream stage was re-run) or another stepper
-    fingerprint = spec.fingerprint()
-    if meta.get("fingerprint", fingerprint) != fingerprint:
-        return None  # the stage's settings were changed (`resume --set ...`): start it afresh
-    try:
-        storage.get(meta["key"], out_dir / RESUME_FILE, expected_sha256=meta["sha256"])
-    except Exception:  # noqa: BLE001 - a missing or damaged blob only costs the progress it held
-        return None
-    return int(meta["iteration"])
-
-
-def _upload_outputs(storage: Storage, spec: StageSpec, job: dict, out_dir: Path) -> None:
-    """Weights first, ``result.json`` last; then the resume state is obsolete (pointer first)."""
-    check_owner(storage, spec, job)
-    prefix = spec.output_dir_key
-    storage.put(out_dir / MODEL_FILE, f"{prefix}/{MODEL_FILE}")
-    if (out_dir / BEST_FILE).exists():
-        storage.put(out_dir / BEST_FILE, f"{prefix}/{BEST_FILE}")
-    storage.put(out_dir / RESULT_FILE, f"{prefix}/{RESULT_FILE}")
-    storage.delete(f"{prefix}/{RESUME_META}")
-    storage.delete(f"{prefix}/{FAILURE_MARKER}")
-    for key in storage.list(prefix):
-        if _is_resume_blob(key):
-            storage.delete(key)
 
 
 def claim_stage(storage: Storage, spec: StageSpec, launch_id: str) -> None:
@@ -211,69 +158,161 @@ def claim_stage(storage: Storage, spec: StageSpec, launch_id: str) -> None:
     storage.write_json(f"{spec.output_dir_key}/{LAUNCH_FILE}", {"launch_id": launch_id, "time": time.time()})
 
 
-# --- one stage on one rank ------------------------------------------------------------------
+def find_resume(storage: Storage, spec: StageSpec, inputs: dict, fmt: str) -> str | None:
+    """The storage key of the stage's latest checkpoint from an earlier launch, when it can be
+    resumed by this one: same inputs (no upstream stage re-ran), same training settings
+    (:meth:`StageSpec.fingerprint`), same optimiser-state format, checkpoint present."""
+    meta_key = f"{spec.output_dir_key}/{RESUME_META}"
+    if not storage.exists(meta_key):
+        return None
+    meta = storage.read_json(meta_key)
+    if (meta.get("inputs") != inputs or meta.get("format") != fmt
+            or meta.get("fingerprint") != spec.fingerprint(for_resume=True)):
+        return None
+    if not storage.exists(f"{meta['checkpoint']}/{PIPELINE_FILE}"):
+        return None  # e.g. removed with the suite's finished checkpoints
+    return meta["checkpoint"]
 
-def run_stage_worker(job: dict, *, rank: int = 0, world_size: int = 1, device: torch.device | str | None = None,
-                     wrap: Callable | None = None, report: Callable[[dict, str | None], None] | None = None,
-                     work_dir: Path | None = None) -> dict:
-    """Train one stage on this rank. Returns the outcome (meaningful on rank 0):
-    ``{"status": "done"|"failed", "checksum", "error", "node", "param_digests", "iteration"}``.
 
-    ``report(metrics, checkpoint_dir)`` is called by every rank at the same points (Ray Train's
-    rule); ``wrap`` is the Trainer's stepper factory (DeepSpeed under Ray, plain torch in-process).
-    """
-    spec = StageSpec(**job["spec"])
+def fetch_checkpoint(storage: Storage, key: str, local: Path) -> Path:
+    """Copy a checkpoint directory from storage (the in-process executor's get_checkpoint)."""
+    for item in storage.list(key):
+        storage.get(item, local / item[len(key) + 1:])
+    return local
+
+
+def _upload_outputs(storage: Storage, spec: StageSpec, launch_id: str, out_dir: Path) -> None:
+    """Weights first, ``result.json`` last; then the resume pointer is obsolete."""
+    check_owner(storage, spec, launch_id)
+    prefix = spec.output_dir_key
+    storage.put(out_dir / MODEL_FILE, f"{prefix}/{MODEL_FILE}")
+    if (out_dir / BEST_FILE).exists():
+        storage.put(out_dir / BEST_FILE, f"{prefix}/{BEST_FILE}")
+    storage.put(out_dir / RESULT_FILE, f"{prefix}/{RESULT_FILE}")
+    storage.delete(f"{prefix}/{RESUME_META}")
+    storage.delete(f"{prefix}/{FAILURE_MARKER}")
+
+
+# --- one pipeline on one rank ------------------------------------------------------------------
+
+class _Reporter:
+    """Reports checkpoints the Ray Train way: every rank calls ``report`` at the same points,
+    each with its own directory (Ray Train merges the ranks' files into one checkpoint)."""
+
+    def __init__(self, report: Callable[[dict, str | None, str | None], None], rank: int):
+        self.report, self.rank = report, rank
+
+    def checkpoint(self, metrics: dict, directory: Path, name: str, pipeline: dict) -> None:
+        if self.rank == 0:
+            (directory / PIPELINE_FILE).write_text(json.dumps(pipeline))
+        self.report(metrics, str(directory), name)
+
+    def small(self, metrics: dict, name: str, pipeline: dict) -> None:
+        """A checkpoint of one small file from rank 0 (the others report metrics only)."""
+        directory = Path(tempfile.mkdtemp(prefix="mtshare-ckpt-"))
+        try:
+            if self.rank == 0:
+                self.checkpoint(metrics, directory, name, pipeline)
+            else:
+                self.report(metrics, None, None)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def run_pipeline_worker(job: dict, *, rank: int = 0, world_size: int = 1, device: torch.device | str | None = None,
+                        wrap: Callable | None = None, report: Callable[[dict, str | None, str | None], None] | None = None,
+                        checkpoint: Path | None = None, work_dir: Path | None = None) -> dict:
+    """Train a pipeline's steps on this rank. Returns ``{"stages": [outcome, ...]}`` for the
+    steps run by this attempt, an outcome being ``{"stage", "status": "done"|"failed",
+    "checksum", "error", "node", "param_digests", "iteration", ...}`` (meaningful on rank 0).
+
+    ``report(metrics, checkpoint_dir, checkpoint_name)`` is called by every rank at the same
+    points (Ray Train's rule); ``checkpoint`` is the directory to start from (Ray Train's
+    ``get_checkpoint()``); ``wrap`` is the Trainer's stepper factory."""
+    specs = [StageSpec(**d) for d in job["specs"]]
     storage = open_storage(job["storage"])
+    reporter = _Reporter(report or (lambda metrics, ckpt_dir, name: None), rank)
+    fmt = checkpoint_format(job.get("deepspeed"), wrap is not None)
     node, host = node_identity()
+    pipeline = {"stage": None, "completed": {}}
+    if checkpoint is not None and (checkpoint / PIPELINE_FILE).exists():
+        pipeline = json.loads((checkpoint / PIPELINE_FILE).read_text())
+    prev_sha = job["prev_sha256"]
+    outcomes: list[dict] = []
+    for spec in specs:
+        if spec.name in pipeline["completed"]:  # committed by an earlier attempt of this launch
+            prev_sha = pipeline["completed"][spec.name]
+            continue
+        resume_dir = checkpoint if pipeline["stage"] == spec.name else None
+        outcome = _run_step(spec, job, storage, prev_sha, resume_dir, reporter, pipeline, fmt, node, host,
+                            rank=rank, world_size=world_size, device=device, wrap=wrap, work_dir=work_dir)
+        outcomes.append(outcome)
+        if outcome["status"] != "done":
+            break  # later steps need this one's output
+        prev_sha = outcome["checksum"]
+        pipeline = {"stage": None, "completed": {**pipeline["completed"], spec.name: prev_sha}}
+        _Emitter(job.get("board"), spec.name, rank)("done", outcome=outcome)  # the driver commits it
+        reporter.small({"completed": spec.name}, f"{spec.name.replace('/', '.')}.done", pipeline)
+    # The last report carries the outcomes: Ray Train's ``Result.metrics`` are those of the
+    # latest *checkpoint*, so they travel with one (a small ``pipeline.json``).
+    final = {"stages": outcomes}
+    reporter.small({"outcome": json.dumps(final)}, "outcome", {**pipeline, "outcome": final})
+    return final
+
+
+def _run_step(spec: StageSpec, job: dict, storage: Storage, prev_sha: str | None, resume_dir: Path | None,
+              reporter: _Reporter, pipeline: dict, fmt: str, node: str, host: str, *, rank: int, world_size: int,
+              device, wrap, work_dir: Path | None) -> dict:
     emit = _Emitter(job.get("board"), spec.name, rank)
-    report = report or (lambda metrics, ckpt_dir: None)
-    fmt = f"deepspeed-zero{(job.get('deepspeed') or {}).get('zero_optimization', {}).get('stage', 0)}" if wrap else "torch"
+    launch_id = job["launch_id"]
+    inputs = {"base": job["base_sha256"], "prev": prev_sha}
     outcome = {"stage": spec.name, "node": node, "host": host, "world_size": world_size}
 
     # A deterministic failure (non-finite loss) of this launch was already seen by an earlier
     # attempt: every rank reads the same marker here, before any collective, and stops cleanly
     # instead of letting Ray Train retry a run that cannot succeed.
     marker = f"{spec.output_dir_key}/{FAILURE_MARKER}"
-    if storage.exists(marker) and storage.read_json(marker).get("launch_id") == job["launch_id"]:
-        outcome.update(status="failed", error=storage.read_json(marker)["error"])
-        return _finish(report, rank, outcome)
+    if storage.exists(marker) and storage.read_json(marker).get("launch_id") == launch_id:
+        return {**outcome, "status": "failed", "error": storage.read_json(marker)["error"]}
 
-    work = Path(work_dir or cache_root() / "work" / job["launch_id"] / f"rank{rank}")
+    work = Path(work_dir or cache_root() / "work" / launch_id / f"rank{rank}")
     out_dir = work / spec.output_dir_key
     out_dir.mkdir(parents=True, exist_ok=True)
     emit("start", node=node, host=host, world_size=world_size, pid=os.getpid())
 
-    def on_resume_saved(trainer: ClusterTrainer) -> None:
-        if rank == 0:
-            _upload_resume(storage, spec, job, out_dir, fmt, trainer.iteration)
-        # Ray Train gets a small pointer to the stored resume state (its run history lists the
-        # checkpoints); the state itself lives once, in the suite's storage.
-        pointer = {"storage": storage.uri, "key": _resume_blob_key(spec, trainer.iteration), "iteration": trainer.iteration}
-        _report(report, rank, {"iteration": trainer.iteration}, "resume_pointer.json", pointer)
-        emit("checkpoint", iteration=trainer.iteration)
+    def on_checkpoint(directory: Path) -> None:
+        it = trainer.iteration
+        name = f"{spec.name.replace('/', '.')}.it{it:09d}"
+        reporter.checkpoint({"iteration": it}, directory, name, {**pipeline, "stage": spec.name})
+        if rank == 0:  # where a later launch finds it (Ray Train's name for it is per launch)
+            check_owner(storage, spec, launch_id)
+            storage.write_json(f"{spec.output_dir_key}/{RESUME_META}",
+                               {"checkpoint": f"{CHECKPOINTS}/{job['run']}/{name}", "iteration": it,
+                                "inputs": inputs, "format": fmt, "fingerprint": spec.fingerprint(for_resume=True),
+                                "time": time.time()})
+        emit("checkpoint", iteration=it)
 
     def on_log(metrics: dict, step: int) -> None:
+        if "resumed_from" in metrics:
+            emit("resume", iteration=int(metrics["resumed_from"]), iters=spec.optim.iters)
         emit("log", step=step, metrics={k: float(v) for k, v in metrics.items()})
 
     try:
-        base_path, prev_path = _fetch_inputs(storage, spec, job, emit, node)
-        resumed = fetch_resume(storage, spec, job, out_dir, fmt)
-        trainer = ClusterTrainer(
-            spec, out_dir, base_path=base_path, base_sha256=job["base_sha256"], prev_path=prev_path,
-            device=device, wrap=wrap, on_log=on_log, on_resume_saved=on_resume_saved,
-        )
-        emit("resume", iteration=resumed or 0, iters=spec.optim.iters)
+        base_path, prev_path = _fetch_inputs(storage, spec, job["base_sha256"], prev_sha, emit, node)
+        trainer = Trainer(spec, out_dir, base_path=base_path, base_sha256=job["base_sha256"], prev_path=prev_path,
+                          device=device, wrap=wrap, on_log=on_log, on_checkpoint=on_checkpoint,
+                          resume_dir=resume_dir or out_dir / RESUME_DIR)
         outcome["stepper"] = {"class": type(trainer.stepper).__name__,
                               "optimizer": type(getattr(trainer.stepper, "optimizer", None)).__name__,
                               "zero_stage": getattr(trainer.stepper, "zero_stage", None)}
         result = trainer.train()
         if rank == 0:
-            _upload_outputs(storage, spec, job, out_dir)
+            _upload_outputs(storage, spec, launch_id, out_dir)
     except StageFailure as e:
         outcome.update(status="failed", error=str(e))
         if world_size == 1:  # nothing else to coordinate with: stop without a retry
-            return _finish(report, rank, outcome)
-        storage.write_json(marker, {"launch_id": job["launch_id"], "error": str(e)})
+            return outcome
+        storage.write_json(marker, {"launch_id": launch_id, "error": str(e)})
         raise  # Ray Train stops the group; the restarted attempt reads the marker above
     finally:
         shutil.rmtree(work, ignore_errors=True)  # the stage's files of value are in storage
@@ -284,46 +323,27 @@ def run_stage_worker(job: dict, *, rank: int = 0, world_size: int = 1, device: t
         dist.all_gather_object(digests, _param_digest(trainer.model))
     outcome.update(status="done", checksum=result["checksum"], error=None, param_digests=digests,
                    iteration=result["iterations"], resumed_from=result.get("resumed_from"))
-    return _finish(report, rank, outcome)
+    return outcome
 
 
-def _fetch_inputs(storage: Storage, spec: StageSpec, job: dict, emit: _Emitter, node: str) -> tuple[Path | None, Path | None]:
+def _fetch_inputs(storage: Storage, spec: StageSpec, base_sha: str | None, prev_sha: str | None, emit: _Emitter,
+                  node: str) -> tuple[Path | None, Path | None]:
     """The frozen base and the previous step's output, verified, from the node-local cache."""
     cache = cache_root()
     base_path = prev_path = None
     if spec.base_key:
-        base_path = fetch_verified(storage, spec.base_key, job["base_sha256"], cache)
-        emit("input", role="base", key=spec.base_key, sha256=job["base_sha256"], node=node, verified=True)
+        base_path = fetch_verified(storage, spec.base_key, base_sha, cache)
+        emit("input", role="base", key=spec.base_key, sha256=base_sha, node=node, verified=True)
     if spec.prev_key:
-        prev_path = fetch_verified(storage, spec.prev_key, job["prev_sha256"], cache)
-        emit("input", role="prev", key=spec.prev_key, sha256=job["prev_sha256"], node=node, verified=True)
+        prev_path = fetch_verified(storage, spec.prev_key, prev_sha, cache)
+        emit("input", role="prev", key=spec.prev_key, sha256=prev_sha, node=node, verified=True)
     return base_path, prev_path
-
-
-def _report(report: Callable, rank: int, metrics: dict, name: str, payload: dict) -> None:
-    """Every rank reports; rank 0 attaches a one-file checkpoint holding ``payload``."""
-    ckpt_dir = None
-    if rank == 0:
-        ckpt_dir = Path(tempfile.mkdtemp(prefix="mtshare-ckpt-"))
-        (ckpt_dir / name).write_text(json.dumps(payload))
-    try:
-        report(metrics, str(ckpt_dir) if ckpt_dir else None)
-    finally:
-        if ckpt_dir:
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
-
-
-def _finish(report: Callable, rank: int, outcome: dict) -> dict:
-    """The last report of a stage. Ray Train's ``Result.metrics`` are those of the latest
-    *checkpoint*, so the outcome travels with one (a small ``outcome.json``)."""
-    _report(report, rank, {"outcome": json.dumps(outcome)}, "outcome.json", outcome)
-    return outcome
 
 
 # --- the Ray Train entry point ----------------------------------------------------------------
 
-def stage_train_func(config: dict) -> None:
-    """``train_loop_per_worker`` of a stage's ``TorchTrainer`` (runs on every worker)."""
+def pipeline_train_func(config: dict) -> None:
+    """``train_loop_per_worker`` of a pipeline's ``TorchTrainer`` (runs on every worker)."""
     import ray.train
     import ray.train.torch
 
@@ -331,13 +351,22 @@ def stage_train_func(config: dict) -> None:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    spec = StageSpec(**config["spec"])
+    spec = StageSpec(**config["specs"][0])
+    device = torch.device("cpu")
+    if spec.device == "cuda":
+        device = ray.train.torch.get_device()
+        torch.cuda.set_device(device)  # before anything allocates: NCCL and DeepSpeed use the current device
     torch.set_num_threads(max(1, int(config.get("cpus_per_worker") or 1)))
-    device = ray.train.torch.get_device() if spec.device == "cuda" else torch.device("cpu")
     wrap = make_wrap(config["deepspeed"] or {}, spec.optim.batch_size)
 
-    def report(metrics: dict, checkpoint_dir: str | None) -> None:
+    def report(metrics: dict, checkpoint_dir: str | None, name: str | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint)
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name if checkpoint else None)
 
-    run_stage_worker(config, rank=rank, world_size=world, device=device, wrap=wrap, report=report)
+    start = ray.train.get_checkpoint()  # this launch's latest, or the earlier launch's (resume_from)
+    if start is None:
+        run_pipeline_worker(config, rank=rank, world_size=world, device=device, wrap=wrap, report=report)
+        return
+    with start.as_directory() as directory:
+        run_pipeline_worker(config, rank=rank, world_size=world, device=device, wrap=wrap, report=report,
+                            checkpoint=Path(directory))

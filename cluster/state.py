@@ -7,7 +7,7 @@ starts, counting Ray Train restarts), ``node``, ``started`` / ``ended`` (Unix se
 ``checksum`` (sha256 of its ``model.safetensors`` in storage), ``mlflow_run_id`` and ``error``
 — the schema of ``status --format json`` (DESIGN.md) — plus bookkeeping the driver needs:
 ``inputs`` (the checksums the stage was trained from, verified by its workers), ``iteration``
-/ ``iters`` (progress), ``host``.
+/ ``iters`` (progress), ``host``, ``run`` (the Ray Train run of the pipeline that trains it).
 """
 from __future__ import annotations
 

@@ -32,6 +32,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 import uuid
 from pathlib import Path
@@ -215,6 +216,13 @@ class LocalStorage(Storage):
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
+
+    def delete_prefix(self, prefix: str) -> None:
+        path = self._path(prefix)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)  # with the empty folders a file walk leaves
+        else:
+            path.unlink(missing_ok=True)
 
     def describe(self) -> dict:
         return {"kind": "local", "root": str(self.root)}
@@ -435,9 +443,9 @@ def _open_storage(uri_or_desc: str | dict, endpoint: str | None = None) -> Stora
 
 
 def ray_train_storage(storage: Storage) -> tuple[str, Any]:
-    """``(storage_path, storage_filesystem)`` for ``ray.train.RunConfig``: Ray Train keeps its own
-    bookkeeping (reported checkpoint pointers) under ``_ray_train/`` of the suite's storage."""
+    """``(storage_path, storage_filesystem)`` for ``ray.train.RunConfig``: Ray Train keeps its runs
+    and their checkpoints (mid-stage resume states) under ``_checkpoints/`` of the suite's storage."""
     storage = unwrap(storage)
     if isinstance(storage, S3Storage):
-        return storage._path("_ray_train"), storage.fs
-    return str(storage.local_path("_ray_train")), None
+        return storage._path("_checkpoints"), storage.fs
+    return str(storage.local_path("_checkpoints")), None

@@ -21,8 +21,9 @@ from mtshare.config import CalibrationConfig, DatasetConfig, ModelConfig, OptimC
 
 StageKind = Literal["base", "step0", "step1", "step2", "step3"]
 MODEL_FILE = "model.safetensors"
-# Settings that do not change a stage's result (left out of StageSpec.fingerprint).
-BOOKKEEPING = {"optim": ("log_every", "ckpt_every", "fail_at_iter"), "dataset": ("num_workers", "synthesize")}
+# Settings that do not change a stage's result (left out of StageSpec.fingerprint). The dataset
+# root is where the data lives, not what it is: moving the data must not re-run the suite.
+BOOKKEEPING = {"optim": ("log_every", "ckpt_every", "fail_at_iter"), "dataset": ("num_workers", "synthesize", "root")}
 
 
 class StageSpec(BaseModel):
@@ -38,6 +39,7 @@ class StageSpec(BaseModel):
     device: Literal["cpu", "cuda"] = "cpu"
     precision: Literal["fp32", "bf16"] = "fp32"
     seed: int = 0
+    workers: int = 1                 # data-parallel workers: the global batch is optim.batch_size x workers
     depends_on: list[str] = []
     base_key: str | None = None      # storage key of the frozen base checkpoint (sub-task steps)
     prev_key: str | None = None      # storage key of the previous step's output (step2, step3)
@@ -55,14 +57,18 @@ class StageSpec(BaseModel):
     def is_subtask_step(self) -> bool:
         return self.kind in ("step1", "step2", "step3")
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, *, for_resume: bool = False) -> str:
         """sha256 of what determines the stage's result. Bookkeeping (logging and checkpoint
-        intervals, data-loader workers, the fault knob) is left out: changing it on ``resume``
-        does not make a finished stage stale; changing anything else does."""
+        intervals, data-loader workers, the fault knob, the data's location) is left out:
+        changing it on ``resume`` does not make a finished stage stale; changing anything else
+        does. ``for_resume``: whether a mid-stage resume state may be continued, which another
+        worker count may do (DeepSpeed re-partitions its elastic checkpoint)."""
         d = self.model_dump(mode="json")
         for section, keys in BOOKKEEPING.items():
             for key in keys:
                 d[section].pop(key, None)
+        if for_resume:
+            d.pop("workers")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
@@ -73,7 +79,7 @@ def stage_name(task: str, kind: str) -> str:
 def plan(cfg: SuiteConfig) -> list[StageSpec]:
     """The suite's stages in a valid execution order (dependencies first)."""
     common = dict(suite=cfg.name, dataset=cfg.dataset, model=cfg.model, device=cfg.device,
-                  precision=cfg.precision, seed=cfg.seed)
+                  precision=cfg.precision, seed=cfg.seed, workers=cfg.resources.workers)
     base = StageSpec(name="base", task=cfg.base_task, kind="base", optim=cfg.optim_for(cfg.base_task, "base"), **common)
     stages = [base]
     if cfg.references:

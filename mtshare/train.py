@@ -13,8 +13,9 @@ A sub-task's last sharing step also calibrates its operating point (``mtshare.op
 
 The loop runs on CPU or CUDA, fp32 or bf16, single process or under ``torch.distributed``.
 It knows nothing of Ray or DeepSpeed: a caller that wants DeepSpeed passes a ``wrap``
-function returning a :class:`Stepper` (backward / step / optimizer state), see
-``cluster/stage_runner.py``. Style: torchtitan's Trainer — ``__init__`` builds everything,
+function returning a :class:`Stepper` (backward / step / save and load its state), see
+``cluster/stage_runner.py``; a caller that keeps resume states elsewhere (Ray Train) passes
+``on_checkpoint`` and ``resume_dir``. Style: torchtitan's Trainer — ``__init__`` builds everything,
 ``train_step`` does one optimiser step, ``train`` loops (step → log → checkpoint → evaluate).
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -46,7 +48,8 @@ from mtshare.models.vit import ViTEncoder
 from mtshare.stages import StageSpec
 from mtshare.tasks import get_task
 
-RESUME_FILE = "resume.pt"
+RESUME_DIR = "resume"          # <out_dir>/resume/: the latest mid-stage resume state
+TRAINER_STATE = "trainer.pt"   # in a resume directory: weights, counters, history (rank 0)
 BEST_FILE = "best.safetensors"
 
 
@@ -144,12 +147,12 @@ class Stepper:
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
 
-    def optimizer_state(self) -> dict | None:
-        return self.optimizer.state_dict()
+    def save_state(self, directory: Path) -> None:
+        """Write the optimiser state into a resume directory (single process: no shards)."""
+        ckpt.save_train_state(directory / "optimizer.pt", self.optimizer.state_dict())
 
-    def load_optimizer_state(self, state: dict | None) -> None:
-        if state is not None:
-            self.optimizer.load_state_dict(state)
+    def load_state(self, directory: Path) -> None:
+        self.optimizer.load_state_dict(ckpt.load_train_state(directory / "optimizer.pt"))
 
 
 def build_stage_model(spec: StageSpec, base_path: Path | None, base_sha256: str | None,
@@ -202,7 +205,12 @@ class Trainer:
         device: str | torch.device | None = None,
         wrap: Callable[[nn.Module, torch.optim.Optimizer, float | None], Any] | None = None,
         on_log: Callable[[dict, int], None] | None = None,
+        on_checkpoint: Callable[[Path], None] | None = None,
+        resume_dir: str | Path | None = None,
     ):
+        """``resume_dir``: a resume state to start from (default ``<out_dir>/resume`` when it
+        exists). ``on_checkpoint(dir)``: called on every rank after each resume state is written
+        to ``dir`` (the directory is reused: copy what you keep)."""
         self.spec = spec
         self.out_dir = Path(out_dir)
         self.device = torch.device(device or spec.device)
@@ -210,6 +218,8 @@ class Trainer:
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.is_rank_zero = self.rank == 0
         self.on_log = on_log if self.is_rank_zero else None
+        self.on_checkpoint = on_checkpoint
+        self.resume_dir = Path(resume_dir) if resume_dir else self.out_dir / RESUME_DIR
         self.task = get_task(spec.task)
         self.base_path = Path(base_path) if base_path else None
         self.base_sha256 = base_sha256
@@ -362,16 +372,15 @@ class Trainer:
 
     # --- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """Weights and loop counters; the optimiser state is the stepper's (sharded under ZeRO)."""
         return {
             "iteration": self.iteration, "epoch": self.epoch, "best": self.best,
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-            "optimizer": self.stepper.optimizer_state(),
             "history": self.history, "l0_weight": self.l0_weight, "last_gate_sparsity": self.last_gate_sparsity,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"], strict=True)
-        self.stepper.load_optimizer_state(state["optimizer"])
         self.iteration, self.epoch, self.best = state["iteration"], state["epoch"], state["best"]
         self.history = list(state.get("history", []))
         self.l0_weight = float(state.get("l0_weight", L0_WEIGHT_INIT))
@@ -382,16 +391,27 @@ class Trainer:
             dist.barrier()
 
     def save_resume(self) -> None:
-        state = self.state_dict()  # every rank builds it (ZeRO optimizer states may need a collective)
+        """Write the resume state (rank 0: weights and counters; every rank: its optimiser shard)
+        into a fresh directory, which then replaces ``<out_dir>/resume``."""
+        fresh = self.out_dir / f"{RESUME_DIR}.partial"
+        if fresh.exists():
+            shutil.rmtree(fresh)
+        fresh.mkdir(parents=True)
         if self.is_rank_zero:
-            ckpt.save_train_state(self.out_dir / RESUME_FILE, state)
+            ckpt.save_train_state(fresh / TRAINER_STATE, self.state_dict())
+        self.stepper.save_state(fresh)  # collective under DeepSpeed
+        final = self.out_dir / RESUME_DIR
+        shutil.rmtree(final, ignore_errors=True)
+        fresh.rename(final)
         self._barrier()
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(final)
 
     def try_resume(self) -> bool:
-        path = self.out_dir / RESUME_FILE
-        if not path.exists():
+        if not (self.resume_dir / TRAINER_STATE).exists():
             return False
-        self.load_state_dict(ckpt.load_train_state(path))
+        self.load_state_dict(ckpt.load_train_state(self.resume_dir / TRAINER_STATE))
+        self.stepper.load_state(self.resume_dir)  # after the weights: ZeRO refreshes its fp32 copy
         return True
 
     def manifest(self) -> dict:
@@ -499,6 +519,6 @@ class Trainer:
         result["checksum"] = sha
         if self.is_rank_zero:
             ckpt.atomic_write_bytes(self.out_dir / "result.json", json.dumps(result, indent=1).encode())
-            (self.out_dir / RESUME_FILE).unlink(missing_ok=True)  # finished: the output supersedes it
+            shutil.rmtree(self.out_dir / RESUME_DIR, ignore_errors=True)  # finished: the output supersedes it
         self._barrier()
         return result

@@ -55,7 +55,11 @@ def test_suite_end_to_end_state_mlflow_and_checkpoints_agree(finished_suite, cap
         model = store / name / "model.safetensors"
         result = json.loads((store / name / "result.json").read_text())
         assert st["checksum"] == ckpt.sha256_file(model) == result["checksum"]
-        assert not (store / name / "resume.pt").exists()  # finished: the resume state is gone
+        assert not (store / name / "resume.json").exists()  # finished: no resume pointer is left
+    assert not (store / "_checkpoints").exists()  # the suite is done: no resume state is kept
+    # One Ray Train run per pipeline: sal's sharing steps share one, each other stage has its own.
+    assert stages["sal/step1"]["run"] == stages["sal/step2"]["run"]
+    assert len({st["run"] for st in stages.values()}) == 3
     # Inputs were verified against the committed checksums of their producers.
     assert stages["sal/step1"]["inputs"]["base"]["sha256"] == stages["base"]["checksum"]
     assert stages["sal/step2"]["inputs"]["prev"]["sha256"] == stages["sal/step1"]["checksum"]
@@ -98,9 +102,10 @@ def test_stage_with_two_workers_trains_with_zero2_and_ranks_agree(finished_suite
     ds = load_ds_config(REPO / "configs/deepspeed/zero2.json")
     executor = RayExecutor(cfg, storage, ds)
     try:
-        outcome = executor.run(spec, make_job(spec, storage, base_sha256=base_sha, prev_sha256=None, ds_config=ds))
+        result = executor.run([spec], make_job([spec], storage, base_sha256=base_sha, prev_sha256=None, ds_config=ds))
     finally:
         executor.close()
+    (outcome,) = result["stages"]
     assert outcome["status"] == "done", outcome
     assert outcome["world_size"] == 2
     assert outcome["stepper"] == {"class": "DeepSpeedStepper", "optimizer": "DeepSpeedZeroOptimizer", "zero_stage": 2}

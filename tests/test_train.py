@@ -172,14 +172,16 @@ def test_stage_resumes_from_mid_stage_checkpoint(data_root, tmp_path):
 
     with pytest.raises(StageFailure, match="iteration 7"):
         run_stage(spec, tmp_path)
-    state = ckpt.load_train_state(tmp_path / "base" / "resume.pt")
-    assert state["iteration"] == 5
+    state = ckpt.load_train_state(tmp_path / "base" / "resume" / "trainer.pt")
+    assert state["iteration"] == 5 and "optimizer" not in state  # the moments are the stepper's
+    moments = ckpt.load_train_state(tmp_path / "base" / "resume" / "optimizer.pt")["state"]
+    assert moments and all(int(m["step"]) == 5 for m in moments.values())
     fixed = spec.model_copy(update={"optim": spec.optim.model_copy(update={"fail_at_iter": None})})
     resumed_at = []
     r = run_stage(fixed, tmp_path, on_log=lambda d, i: resumed_at.append(d["resumed_from"]) if "resumed_from" in d else None)
     assert r["resumed_from"] == 5 and resumed_at == [5.0]
     assert r["iterations"] == 12
-    assert not (tmp_path / "base" / "resume.pt").exists()
+    assert not (tmp_path / "base" / "resume").exists()
 
 
 def test_subtask_refuses_a_base_with_another_checksum(suite_run, tmp_path):
