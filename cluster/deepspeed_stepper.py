@@ -46,9 +46,6 @@ def stage_ds_config(base: dict, batch_size: int, grad_clip: float | None) -> dic
     cfg.pop("train_batch_size", None)  # derived by DeepSpeed: micro batch x accumulation x world
     cfg["gradient_clipping"] = float(grad_clip) if grad_clip else 0.0
     cfg.setdefault("steps_per_print", 10**9)
-    if cfg.get("zero_optimization", {}).get("stage", 0) in (1, 2):
-        # Elastic ZeRO checkpoints can be loaded by another worker count (see load_state).
-        cfg["zero_optimization"].setdefault("elastic_checkpoint", True)
     for key in ("fp16", "bf16"):
         if cfg.get(key, {}).get("enabled"):
             log.warning("deepspeed: ignoring %s.enabled (the trainer autocasts bf16 itself)", key)
@@ -101,10 +98,17 @@ class DeepSpeedStepper:
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         skip_cpu_shm_build()
+        self.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+        # Without ZeRO, DeepSpeed clips with an in-place multiply by a [1]-shaped factor, which
+        # fails on 0-dim gradients (the gate logits): clip here instead, after DeepSpeed's
+        # all-reduce (in backward) and before its optimiser step.
+        self._clip = None
+        if self.zero_stage == 0 and ds_config.get("gradient_clipping"):
+            self._clip = float(ds_config["gradient_clipping"])
+            ds_config = {**ds_config, "gradient_clipping": 0.0}
         with _broadcast_scalars_ourselves(model):
             self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.module_for_forward = self.engine
-        self.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
     @property
     def param_groups(self) -> list[dict]:
@@ -116,6 +120,11 @@ class DeepSpeedStepper:
         self.engine.backward(loss)
 
     def step(self) -> float:
+        if self._clip is not None:
+            params = [p for p in self.engine.module.parameters() if p.grad is not None]
+            norm = float(torch.nn.utils.clip_grad_norm_(params, self._clip))
+            self.engine.step()
+            return norm
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else math.nan
@@ -127,20 +136,31 @@ class DeepSpeedStepper:
         self.engine.save_checkpoint(str(directory), tag=DS_TAG, save_latest=False)
 
     def load_state(self, directory: Path) -> None:
-        """Load what :meth:`save_state` wrote, whatever world size wrote it: ZeRO-1/2 checkpoints
-        are saved elastic (``elastic_checkpoint``), so DeepSpeed re-partitions the moments when
-        the worker count changed. Files are read with ``torch.load(weights_only=True)``."""
-        if not (directory / DS_TAG).is_dir():
-            # A resume state from the plain stepper (or from before this format): the weights and
-            # counters were restored by the Trainer; the moments start fresh.
-            log.warning("resume: %s has no DeepSpeed state; optimizer moments start fresh", directory)
+        """Load what :meth:`save_state` wrote (files read with ``torch.load(weights_only=True)``).
+
+        ZeRO partitions the moments by world size, and DeepSpeed loads them only into the same
+        world size (another one needs its offline universal-checkpoint conversion, which expects
+        Megatron-style metadata and unpickles everything). So a resume with another worker count
+        restores the weights and counters (the Trainer did) and starts the moments fresh."""
+        ds_dir = directory / DS_TAG
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        shards = len(list(ds_dir.glob("zero_pp_rank_*_optim_states.pt"))) if ds_dir.is_dir() else 0
+        if not ds_dir.is_dir():
+            log.warning("resume: %s holds no DeepSpeed state; optimizer moments start fresh", directory)
             self._refresh_master_weights()
             return
+        same_layout = not self.zero_stage or shards == world
+        if not same_layout:
+            log.warning("resume: %s was saved by %d worker(s), this run has %d: weights restored, "
+                        "optimizer moments start fresh", directory, shards, world)
         self.engine.checkpoint_engine = _WeightsOnlyCheckpointEngine(self.engine.checkpoint_engine)
         path, _ = self.engine.load_checkpoint(str(directory), tag=DS_TAG, load_module_strict=True,
-                                              load_optimizer_states=True, load_lr_scheduler_states=False)
+                                              load_optimizer_states=same_layout, load_lr_scheduler_states=False,
+                                              load_module_only=not same_layout)
         if path is None:
             raise RuntimeError(f"{directory}: DeepSpeed found no checkpoint to load")
+        if not same_layout:
+            self._refresh_master_weights()
 
     def _refresh_master_weights(self) -> None:
         # ZeRO's fp32 master partitions are a copy of the weights the Trainer just loaded; they
