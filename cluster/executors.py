@@ -190,16 +190,11 @@ class RayExecutor:
         return ray.get(self.board.drain.remote())
 
     def run(self, specs: list[StageSpec], job: dict) -> dict:
-        import ray.train
         from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
         path, fs = ray_train_storage(self.storage)
         r, spec = self.cfg.resources, specs[0]
-        resume_from = None
-        if job.get("resume_from"):  # an earlier launch's checkpoint: get_checkpoint() returns it first
-            key = job["resume_from"][len(CHECKPOINTS) + 1:]
-            resume_from = ray.train.Checkpoint(path=f"{path}/{key}", filesystem=fs)
         trainer = TorchTrainer(
             pipeline_train_func,
             train_loop_config={**job, "board": self.board},
@@ -212,7 +207,6 @@ class RayExecutor:
                 logging_config=LoggingConfig(log_level="WARNING"),
             ),
             torch_config=TorchConfig(backend="nccl" if spec.device == "cuda" else "gloo"),
-            resume_from_checkpoint=resume_from,
         )
         try:
             result = trainer.fit()

@@ -42,7 +42,7 @@ from mtshare.checkpoint import sha256_file
 from mtshare.stages import MODEL_FILE, StageSpec
 from mtshare.train import BEST_FILE, RESUME_DIR, StageFailure, Trainer
 
-from cluster.storage import Storage, StorageError, open_storage
+from cluster.storage import Storage, StorageError, open_storage, ray_train_storage
 
 RESUME_META = "resume.json"      # <stage>/resume.json: the latest checkpoint of the stage, for a later launch
 FAILURE_MARKER = "failed.json"
@@ -280,17 +280,23 @@ def _run_step(spec: StageSpec, job: dict, storage: Storage, prev_sha: str | None
     out_dir.mkdir(parents=True, exist_ok=True)
     emit("start", node=node, host=host, world_size=world_size, pid=os.getpid())
 
+    reported: list[int] = []
+
     def on_checkpoint(directory: Path) -> None:
         it = trainer.iteration
         name = f"{spec.name.replace('/', '.')}.it{it:09d}"
         reporter.checkpoint({"iteration": it}, directory, name, {**pipeline, "stage": spec.name})
+        reported.append(it)
         if rank == 0:  # where a later launch finds it (Ray Train's name for it is per launch)
             check_owner(storage, spec, launch_id)
             storage.write_json(f"{spec.output_dir_key}/{RESUME_META}",
                                {"checkpoint": f"{CHECKPOINTS}/{job['run']}/{name}", "iteration": it,
                                 "inputs": inputs, "format": fmt, "fingerprint": spec.fingerprint(for_resume=True),
                                 "time": time.time()})
-        emit("checkpoint", iteration=it)
+        if len(reported) > 1:
+            # Ray Train's controller takes a report in once the next one is queued (a queue of
+            # one): the previous checkpoint is the one a restart of this launch surely gets.
+            emit("checkpoint", iteration=reported[-2])
 
     def on_log(metrics: dict, step: int) -> None:
         if "resumed_from" in metrics:
@@ -363,7 +369,12 @@ def pipeline_train_func(config: dict) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name if checkpoint else None)
 
-    start = ray.train.get_checkpoint()  # this launch's latest, or the earlier launch's (resume_from)
+    # This launch's latest checkpoint after a restart; else the earlier launch's that the driver
+    # found (Ray Train v2 leaves that to the training function: resume_from_checkpoint is gone).
+    start = ray.train.get_checkpoint()
+    if start is None and config.get("resume_from"):
+        path, fs = ray_train_storage(open_storage(config["storage"]))
+        start = ray.train.Checkpoint(path=f"{path}/{config['resume_from'][len(CHECKPOINTS) + 1:]}", filesystem=fs)
     if start is None:
         run_pipeline_worker(config, rank=rank, world_size=world, device=device, wrap=wrap, report=report)
         return
