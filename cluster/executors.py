@@ -205,6 +205,8 @@ class RayExecutor:
                 failure_config=FailureConfig(max_failures=self.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=1),
                 logging_config=LoggingConfig(log_level="WARNING"),
+                # As torchrun does: OpenMP threads = the CPUs a worker holds (read at process start).
+                worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, int(r.cpus_per_worker)))}},
             ),
             torch_config=TorchConfig(backend="nccl" if spec.device == "cuda" else "gloo"),
         )

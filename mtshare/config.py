@@ -207,6 +207,10 @@ class SuiteConfig(_Strict):
             raise ValueError("tasks: duplicate task")
         if not self.steps or list(self.steps) != list(STEPS[: len(self.steps)]):
             raise ValueError(f"steps: must be a prefix of {list(STEPS)} in order, got {list(self.steps)}")
+        g = self.resources.gpus_per_worker
+        if self.device == "cuda" and (g < 1 or g != int(g)):
+            raise ValueError(f"resources.gpus_per_worker: device cuda needs a whole number of GPUs per worker "
+                             f"(>= 1), got {g:g}")
         if self.dataset.img_size % self.model.patch_size:
             raise ValueError(
                 f"dataset.img_size {self.dataset.img_size} is not divisible by model.patch_size {self.model.patch_size}"

@@ -136,6 +136,10 @@ def gpus_beyond_any_node(ctx):
     return argv, "resources.gpus_per_worker"
 
 
+def cuda_with_a_fraction_of_a_gpu(ctx):
+    return ctx.run(ctx.config({"device": "cuda", "resources.gpus_per_worker": 0.5})), "resources.gpus_per_worker"
+
+
 def deepspeed_stage_7(ctx):
     ds = ctx.tmp / "zero7.json"
     ds.write_text(json.dumps({"zero_optimization": {"stage": 7}}))
@@ -241,6 +245,7 @@ CASES = {
     "batch-size-zero": batch_size_zero,
     "workers-zero": workers_zero,
     "gpus-beyond-any-node": gpus_beyond_any_node,
+    "cuda-with-a-fraction-of-a-gpu": cuda_with_a_fraction_of_a_gpu,
     "deepspeed-stage-7": deepspeed_stage_7,
     "img-size-not-divisible": img_size_not_divisible,
     "missing-dataset-root": missing_dataset_root,
