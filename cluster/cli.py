@@ -92,24 +92,42 @@ def _tracking_uri(cfg: SuiteConfig, workdir: Path) -> str:
     return cfg.tracking_uri or default_tracking_uri(workdir)
 
 
-def _check_suite_file(workdir: Path, cfg: SuiteConfig) -> None:
-    """A second ``run`` into the same workdir must bring the same resolved config."""
+def _portable(obj: Any, workdir: Path) -> Any:
+    """The config as ``suite.json`` keeps it: paths inside the work directory written as
+    ``{workdir}/...``, so that a moved or copied work directory uses its own files."""
+    root = str(Path(workdir).resolve())
+    if isinstance(obj, str):
+        return "{workdir}" + obj[len(root):] if obj == root or obj.startswith(root + os.sep) else obj
+    if isinstance(obj, dict):
+        return {k: _portable(v, workdir) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_portable(v, workdir) for v in obj]
+    return obj
+
+
+def _check_suite_file(workdir: Path, cfg: SuiteConfig) -> str:
+    """A second ``run`` into the same workdir must bring the same resolved config. Returns the
+    run id (the existing one, or a new one for a new suite)."""
     path = workdir / SUITE_FILE
     if not path.exists():
-        return
+        return uuid.uuid4().hex
     saved = json.loads(path.read_text())
-    if saved.get("config") != cfg.model_dump(mode="json"):
+    if saved.get("config") not in (cfg.model_dump(mode="json"), _portable(cfg.model_dump(mode="json"), workdir)):
         raise ConfigError(f"{path}: this workdir holds suite '{saved.get('suite')}' with a different config; "
                           f"use `launcher resume --workdir {workdir}` or another --workdir")
+    return saved.get("run_id") or uuid.uuid4().hex
 
 
-def _write_suite_file(workdir: Path, cfg: SuiteConfig, storage: Storage, config_path: Any, overrides: list[str]) -> None:
-    """Record the resolved config and where the suite's storage and MLflow store are."""
+def _write_suite_file(workdir: Path, cfg: SuiteConfig, storage: Storage, config_path: Any, overrides: list[str],
+                      run_id: str) -> None:
+    """Record the resolved config (portable, see :func:`_portable`), the run id that owns the
+    suite's storage, and where its storage and MLflow store are (``tracking_uri`` null: the
+    embedded store of whatever directory this is)."""
     from mtshare.checkpoint import atomic_write_bytes
 
-    meta = {"suite": cfg.name, "config": cfg.model_dump(mode="json"),
+    meta = {"suite": cfg.name, "run_id": run_id, "config": _portable(cfg.model_dump(mode="json"), workdir),
             "config_path": str(config_path) if config_path else None, "overrides": list(overrides or []),
-            "storage": storage.uri, "tracking_uri": _tracking_uri(cfg, workdir), "created": time.time()}
+            "storage": storage.uri, "tracking_uri": cfg.tracking_uri, "created": time.time()}
     atomic_write_bytes(workdir / SUITE_FILE, json.dumps(meta, indent=1).encode())
 
 
@@ -207,10 +225,10 @@ def run_suite(cfg: SuiteConfig, workdir: Path, config_path: Any = None, override
     workdir = Path(workdir)
     _check_writable(workdir, f"--workdir {workdir}")
     storage = suite_storage(cfg, workdir)
-    _check_suite_file(workdir, cfg)
+    run_id = _check_suite_file(workdir, cfg)
     ds_config = _ds_config(cfg)
-    record = lambda: _write_suite_file(workdir, cfg, storage, config_path, overrides or [])  # noqa: E731
-    return _drive(cfg, workdir, storage, ds_config, executor, address, progress, before_start=record)
+    record = lambda: _write_suite_file(workdir, cfg, storage, config_path, overrides or [], run_id)  # noqa: E731
+    return _drive(cfg, workdir, storage, ds_config, executor, address, progress, run_id, before_start=record)
 
 
 def resume_suite(workdir: Path, address: str | None = None, executor: str = "ray", progress: bool = True,
@@ -226,11 +244,12 @@ def resume_suite(workdir: Path, address: str | None = None, executor: str = "ray
         cfg = _overridden(workdir, cfg, meta, overrides)
     storage = suite_storage(cfg, workdir)
     ds_config = _ds_config(cfg)
+    run_id = meta.get("run_id")
     record = None
     if overrides:  # recorded once every check has passed, under the driver lock
         record = lambda: _write_suite_file(workdir, cfg, storage, meta.get("config_path"),  # noqa: E731
-                                           [*meta.get("overrides", []), *overrides])
-    return _drive(cfg, workdir, storage, ds_config, executor, address, progress, before_start=record)
+                                           [*meta.get("overrides", []), *overrides], run_id)
+    return _drive(cfg, workdir, storage, ds_config, executor, address, progress, run_id, before_start=record)
 
 
 def _overridden(workdir: Path, cfg: SuiteConfig, meta: dict, overrides: list[str]) -> SuiteConfig:
@@ -277,19 +296,19 @@ def _make_executor(cfg: SuiteConfig, storage: Storage, ds_config: dict, name: st
 
 
 def _drive(cfg: SuiteConfig, workdir: Path, storage: Storage, ds_config: dict, executor_name: str,
-           address: str | None, progress: bool, before_start=None) -> int:
+           address: str | None, progress: bool, run_id: str | None, before_start=None) -> int:
     """Check everything that can be checked without writing (pretrained weights, data, storage,
     state ownership, MLflow server, cluster fit), then create the workdir, take the driver lock,
     record the suite (``before_start``), start tracking and the driver."""
     from cluster.progress import ProgressView
     from cluster.scheduler import DriverLock, SuiteDriver, check_state_owner
 
-    lock = DriverLock(workdir)
+    lock = DriverLock(workdir, storage)
     lock.check_free()  # read-only early answer; taking the lock below decides
     _check_pretrained(cfg)
     _check_dataset(cfg)
     _check_storage(storage)
-    check_state_owner(storage, cfg, workdir)
+    check_state_owner(storage, cfg, workdir, run_id)
     _check_tracking(cfg)
     executor = _make_executor(cfg, storage, ds_config, executor_name, address)
     try:
@@ -308,6 +327,7 @@ def _drive(cfg: SuiteConfig, workdir: Path, storage: Storage, ds_config: dict, e
         view.note(f"executor: {executor.describe()}")
         config_text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
         driver = SuiteDriver(cfg, workdir, storage, executor, tracker, ds_config=ds_config, config_text=config_text,
+                             run_id=run_id,
                              on_update=view.update)
         with view, _sigterm_as_interrupt():
             state = driver.run()
@@ -494,7 +514,7 @@ def serve_ui(workdir: Path, host: str = "127.0.0.1", port: int = 5000) -> int:
     uri = None
     if (workdir / SUITE_FILE).exists():
         uri = json.loads((workdir / SUITE_FILE).read_text()).get("tracking_uri")
-    if uri and not uri.startswith("sqlite:"):
+    if uri and not uri.startswith("sqlite:"):  # (null: the embedded store below)
         print(f"this suite logs to an MLflow server: open {uri}")
         return 0
     db = workdir / "mlflow.db"

@@ -39,7 +39,7 @@ from mtshare.config import ConfigError, SuiteConfig
 from mtshare.stages import StageSpec, downstream, plan
 
 from cluster.stage_runner import CHECKPOINTS, RESULT_FILE, checkpoint_format, claim_stage, find_resume, make_job
-from cluster.state import StateBook, driver_identity, new_state
+from cluster.state import STATE_KEY, StateBook, driver_identity, new_state
 from cluster.storage import LocalStorage, Storage, unwrap
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 PROGRESS_SAVE_EVERY_S = 2.0     # progress (iteration counters) is saved at most this often
 CAPACITY_REFRESH_S = 5.0
 HEARTBEAT_S = 30.0
+STALE_AFTER_S = 3 * HEARTBEAT_S  # no heartbeat for this long: the driver holding the lock is gone
 FIT_OVERHEAD_ITERS = 50  # scheduling weight of one stage's start-up, in iterations
 
 
@@ -67,10 +68,11 @@ def remaining_work(specs: dict[str, StageSpec]) -> dict[str, float]:
     return work
 
 
-def check_state_owner(storage: Storage, cfg: SuiteConfig, workdir: Path) -> StateBook | None:
-    """A storage area belongs to one suite run from one workdir: another suite (or the same
-    suite started from another workdir) must not take over its state and checkpoints.
-    Returns the state found there (None for a fresh storage area)."""
+def check_state_owner(storage: Storage, cfg: SuiteConfig, workdir: Path, run_id: str | None = None) -> StateBook | None:
+    """A storage area belongs to one suite run: another suite, or another run of the same suite,
+    must not take over its state and checkpoints. The run is named by the id recorded on both
+    sides (``suite.json`` and ``state.json``), so a moved, copied or restored work directory
+    still owns its storage. Returns the state found there (None for a fresh storage area)."""
     book = StateBook.load(storage)
     if book is None:
         return None
@@ -80,7 +82,13 @@ def check_state_owner(storage: Storage, cfg: SuiteConfig, workdir: Path) -> Stat
         raise ConfigError(f"{storage.uri}/state.json: holds suite '{state.get('suite')}' with stages that do not "
                           f"match this config; use another storage or workdir")
     owner = state.get("workdir")
-    if owner and owner != str(Path(workdir).resolve()):
+    if state.get("run_id") and run_id:
+        if state["run_id"] != run_id:
+            raise ConfigError(f"storage: {storage.uri} belongs to another run of suite '{cfg.name}' (run "
+                              f"{state['run_id'][:12]}, started in workdir {owner}); resume it from that run's "
+                              f"workdir (or a copy of it) or give this run another storage")
+        return book
+    if owner and owner != str(Path(workdir).resolve()):  # a state written before run ids
         raise ConfigError(f"storage: {storage.uri} belongs to the run in workdir {owner}; resume it there "
                           f"(`launcher resume --workdir {owner}`) or give this run another storage")
     return book
@@ -106,11 +114,14 @@ class _SafeTracker:
 
 
 class DriverLock:
-    """``<workdir>/driver.lock``: one driver per suite. A lock left by a dead driver (same host,
-    pid gone — e.g. a killed driver before ``resume``) is taken over."""
+    """``<workdir>/driver.lock``: one driver per suite. A lock left by a dead driver is taken
+    over: on this host when its pid is gone; on another host (whose processes we cannot see: a
+    lost node, a killed Ray Job) when the suite's state file has had no heartbeat from that
+    driver for ``STALE_AFTER_S`` and the lock itself is older than that."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, storage: Storage | None = None):
         self.path = Path(workdir) / "driver.lock"
+        self.storage = storage
 
     def __enter__(self) -> "DriverLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -139,7 +150,7 @@ class DriverLock:
         except (OSError, ValueError):
             return False
         if host != socket.gethostname():
-            return True  # cannot tell for another host: be safe
+            return self._heartbeat_fresh(host, int(pid))
         try:
             os.kill(int(pid), 0)
         except ProcessLookupError:
@@ -147,6 +158,21 @@ class DriverLock:
         except PermissionError:
             return True
         return int(pid) != os.getpid()
+
+    def _heartbeat_fresh(self, host: str, pid: int) -> bool:
+        now = time.time()
+        try:
+            if now - self.path.stat().st_mtime < STALE_AFTER_S:
+                return True  # just taken: its driver may not have written the state file yet
+            state = self.storage.read_json(STATE_KEY) if self.storage is not None else None
+        except Exception:  # noqa: BLE001 - cannot tell: be safe
+            return True
+        if state is None:
+            return True
+        driver = state.get("driver") or {}
+        if (driver.get("host"), driver.get("pid")) != (host, pid):
+            return False  # the state names another (later) driver: this lock is a leftover
+        return now - float(driver.get("heartbeat") or 0) < STALE_AFTER_S
 
     def __exit__(self, *exc) -> None:
         self.path.unlink(missing_ok=True)
@@ -157,13 +183,14 @@ class SuiteDriver:
 
     def __init__(self, cfg: SuiteConfig, workdir: Path, storage: Storage, executor: Any, tracker: Any = None, *,
                  ds_config: dict | None = None, config_text: str = "", on_update: Callable[[dict], None] | None = None,
-                 poll_s: float = 0.3):
+                 poll_s: float = 0.3, run_id: str | None = None):
         self.cfg, self.workdir, self.storage, self.executor = cfg, Path(workdir), storage, executor
         self.tracker = _SafeTracker(tracker)
         self.ds_config = ds_config
         self.config_text = config_text
         self.on_update = on_update or (lambda state: None)
         self.poll_s = poll_s
+        self.run_id = run_id
         self.specs = {s.name: s for s in plan(cfg)}
         self.order = list(self.specs)
         self.work = remaining_work(self.specs)
@@ -186,11 +213,15 @@ class SuiteDriver:
         return local
 
     def _open_state(self) -> StateBook:
-        book = check_state_owner(self.storage, self.cfg, self.workdir)
+        book = check_state_owner(self.storage, self.cfg, self.workdir, self.run_id)
         if book is None:
             state = new_state(self.cfg.name, list(self.specs.values()))
-            state["workdir"] = str(self.workdir.resolve())
-            return StateBook(self.storage, state)
+            state["run_id"] = self.run_id
+            book = StateBook(self.storage, state)
+        # Informational: where the run was last driven from (a moved work directory updates it).
+        book.update(save=False, workdir=str(self.workdir.resolve()))
+        if self.run_id and not book.state.get("run_id"):
+            book.update(save=False, run_id=self.run_id)
         return book
 
     def _check_done(self, spec: StageSpec, st: dict) -> str | None:

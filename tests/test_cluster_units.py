@@ -164,6 +164,57 @@ def test_failing_pipeline_does_not_stop_others_then_resume_and_verify(tiny_suite
     for name in ("base", "sal/step1", "edge/step1", "edge/step2"):
         assert changed[name]["ended"] == final[name]["ended"]
 
+    # A copied work directory (the original moved out of reach) owns its storage: it resumes,
+    # verifies and reports; moving the data (a new dataset.root) re-runs nothing.
+    import shutil
+
+    from launcher.__main__ import main
+
+    copy = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(workdir, copy)
+    workdir.rename(tmp_path / "gone")
+    data = tmp_path / "moved-data"
+    shutil.copytree(raw["dataset"]["root"], data)
+    capsys.readouterr()
+    assert resume_suite(copy, executor="inprocess", progress=False, overrides=[f"dataset.root={data}"]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    moved = {s["name"]: s for s in read_state(copy)["stages"]}
+    assert {n: s["ended"] for n, s in moved.items()} == {n: s["ended"] for n, s in changed.items()}
+    assert read_state(copy)["workdir"] == str(workdir.resolve())  # idle: the state file untouched
+    assert main(["report", "--workdir", str(copy), "--format", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["tasks"]["sal"]["stage"] == "sal/step2" and report["tasks"]["edge"]["stage"] == "edge/step2"
+    assert resume_suite(copy, executor="inprocess", progress=False, overrides=["task_overrides.sal.step2.lr=4.0e-4"]) == 0
+    assert read_state(copy)["workdir"] == str(copy.resolve())  # driven from here now
+    assert not (tmp_path / "gone" / "store" / "sal" / "step2" / "resume.json").exists()
+
+
+def test_a_stale_driver_lock_of_another_host_is_taken_over(tiny_suite, tmp_path):
+    """A driver on another host died hard (no cleanup): its lock is taken over once the state
+    file shows no heartbeat from it; while the heartbeat is fresh, the lock holds (exit 2)."""
+    import os
+    import time
+
+    from cluster.scheduler import STALE_AFTER_S
+
+    workdir = tmp_path / "run"
+    cfg = validate_suite(tiny_suite("locked", iters=1, references=False), workdir=str(workdir))
+    assert run_suite(cfg, workdir, progress=False, executor="inprocess") == 0
+    store = LocalStorage(workdir / "store")
+    state = store.read_json("state.json")
+    state.update(state="running", driver={"host": "node-7.cluster", "pid": 4242, "heartbeat": time.time()})
+    store.write_json("state.json", state)
+    lock = workdir / "driver.lock"
+    lock.write_text("node-7.cluster 4242")
+    old = time.time() - 2 * STALE_AFTER_S
+    os.utime(lock, (old, old))
+    with pytest.raises(ConfigError, match="another driver .*node-7.cluster 4242"):
+        resume_suite(workdir, executor="inprocess", progress=False)
+    state["driver"]["heartbeat"] = old  # the driver's last sign of life, long ago
+    store.write_json("state.json", state)
+    assert resume_suite(workdir, executor="inprocess", progress=False) == 0
+    assert not lock.exists() and read_state(workdir)["state"] == "done"
+
 
 @pytest.mark.parametrize("case", ["dataset root", "deepspeed file", "s3 bucket", "storage owner"])
 def test_bad_input_is_refused_before_anything_is_written(case, tiny_suite, tmp_path, moto_endpoint):
@@ -179,13 +230,13 @@ def test_bad_input_is_refused_before_anything_is_written(case, tiny_suite, tmp_p
     elif case == "s3 bucket":
         raw.update(storage="s3://no-such-bucket/x", s3_endpoint=moto_endpoint)
         match = "no-such-bucket"
-    else:  # the storage area already belongs to the same suite run from another workdir
+    else:  # the storage area already belongs to another run of the same suite
         raw["storage"] = str(tmp_path / "shared")
         cfg = validate_suite(raw, workdir=str(tmp_path / "other"))
         state = new_state(cfg.name, plan(cfg))
-        state["workdir"] = str(tmp_path / "other")
+        state.update(workdir=str(tmp_path / "other"), run_id="0" * 32)
         LocalStorage(tmp_path / "shared" / "bad").write_json("state.json", state)
-        match = "belongs to the run in workdir"
+        match = "belongs to another run of suite 'bad'"
     with pytest.raises(ConfigError, match=match):
         run_suite(validate_suite(raw, workdir=str(workdir)), workdir, progress=False, executor="inprocess")
     assert not workdir.exists()
