@@ -202,15 +202,18 @@ def test_worker_kill_nan_storage_blip_driver_kill_corruption_and_idempotent_resu
     rules.write_text(json.dumps([{"key": "base/model.safetensors", "error": "full", "times": 1, "after_bytes": 512}]))
     workdir = tmp_path / "run"
     long = {"iters": 60, "eval_every": 60, "ckpt_every": 4}  # long enough to be caught mid-way
-    raw = tiny_suite("faults", tasks=["sal", "edge"], steps=["step1"], iters=2,
-                     task_overrides={"sal": {"step1": long},
+    raw = tiny_suite("faults", tasks=["sal", "edge"], steps=["step1", "step2"], iters=2,
+                     task_overrides={"sal": {"step2": long},
                                      "edge": {"step1": {**long, "fail_at_iter": 2}}})  # fault 4: NaN at iteration 2
     cfg = validate_suite(raw, workdir=str(workdir))
     thread, box = _run_in_thread(run_suite, cfg, workdir, progress=False)
 
-    # Fault 1: SIGKILL the rank-0 Ray Train worker of sal/step1 once it has a mid-stage checkpoint.
-    st = _wait(workdir, thread.is_alive, lambda s: (s["sal/step1"].get("checkpoint_iteration") or 0) >= 8
-               and s["sal/step1"].get("worker_pid"))["sal/step1"]
+    # Fault 1: SIGKILL the rank-0 Ray Train worker of sal's pipeline once step2 (step1 committed
+    # by the same Ray Train run) has a mid-stage checkpoint.
+    seen = _wait(workdir, thread.is_alive, lambda s: (s["sal/step2"].get("checkpoint_iteration") or 0) >= 8
+                 and s["sal/step2"].get("worker_pid"))
+    st, step1 = seen["sal/step2"], seen["sal/step1"]
+    assert step1["status"] == "done" and step1["run"] == st["run"]
     killed_at = st["checkpoint_iteration"]
     os.kill(st["worker_pid"], signal.SIGKILL)
     thread.join(600)
@@ -219,16 +222,21 @@ def test_worker_kill_nan_storage_blip_driver_kill_corruption_and_idempotent_resu
 
     state = read_state(workdir)
     stages = {s["name"]: s for s in state["stages"]}
-    sal = stages["sal/step1"]
-    result = json.loads((workdir / "store/sal/step1/result.json").read_text())
+    sal = stages["sal/step2"]
+    result = json.loads((workdir / "store/sal/step2/result.json").read_text())
     assert sal["status"] == "done" and sal["attempts"] == 2, sal  # the state file records the restart
-    assert killed_at <= result["resumed_from"] < 60 and result["iterations"] == 60, result  # not from step 0
+    assert killed_at <= result["resumed_from"] < 60 and result["iterations"] == 60, result  # in step2, not from 0
     assert sal["worker_pid"] != st["worker_pid"]
+    # The restart went on in step2: step1 kept its commit, its checkpoint and its MLflow run.
+    assert {k: stages["sal/step1"][k] for k in ("checksum", "ended", "mlflow_run_id", "attempts")} == \
+        {k: step1[k] for k in ("checksum", "ended", "mlflow_run_id", "attempts")}
+    assert stages["sal/step1"]["attempts"] == 1
     # Fault 4: edge failed fast with task, step and iteration; sal's pipeline went on to the end.
     edge = stages["edge/step1"]
     assert edge["status"] == "failed" and edge["attempts"] == 1
     for word in ("edge", "step1", "iteration 2", "nan"):
         assert word in edge["error"], edge["error"]
+    assert stages["edge/step2"]["status"] == "pending" and stages["edge/step2"]["error"].startswith("blocked")
     assert stages["base"]["status"] == "done"
     assert state["state"] == "failed" and "edge/step1" in state["error"]
     # Fault 5: the base's upload failed once, was retried inside the same attempt, never showed.
@@ -276,39 +284,40 @@ def test_worker_kill_nan_storage_blip_driver_kill_corruption_and_idempotent_resu
 
     tree, mlflow_runs = _tree(workdir / "store"), runs()
     finished = client.search_runs([read_state(workdir)["mlflow_experiment_id"]])
-    assert sorted(r.info.run_name for r in finished) == ["base", "edge/step1", "faults", "sal/step1"]
+    assert sorted(r.info.run_name for r in finished) == ["base", "edge/step1", "edge/step2", "faults", "sal/step1",
+                                                         "sal/step2"]
     assert all(r.info.status == "FINISHED" for r in finished)
     for _ in range(2):
         assert resume_suite(workdir, progress=False) == 0
         assert _tree(workdir / "store") == tree and runs() == mlflow_runs
     assert "nothing to do" in capsys.readouterr().out
 
-    # Fault 3: truncate a finished checkpoint. Consumers refuse it — a next step's input fetch and
-    # `launcher infer` — and resume re-runs that stage only.
+    # Fault 3: truncate a finished checkpoint (sal's last step). Consumers refuse it — an input
+    # fetch and `launcher infer` — and resume re-runs that stage only.
     from cluster.stage_runner import fetch_verified
     from launcher.__main__ import main
     from mtshare.train import StageFailure
 
-    victim = workdir / "store/sal/step1/model.safetensors"
+    victim = workdir / "store/sal/step2/model.safetensors"
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     cache = tmp_path / "node-cache"
-    with pytest.raises(StageFailure, match="sal/step1/model.safetensors: checksum mismatch"):
-        fetch_verified(open_storage(str(workdir / "store")), "sal/step1/model.safetensors",
-                       after["sal/step1"]["checksum"], cache)
+    with pytest.raises(StageFailure, match="sal/step2/model.safetensors: checksum mismatch"):
+        fetch_verified(open_storage(str(workdir / "store")), "sal/step2/model.safetensors",
+                       after["sal/step2"]["checksum"], cache)
     assert not any(p.is_file() for p in cache.rglob("*"))  # the bad bytes never took a name
     image = next((Path(raw["dataset"]["root"]) / "JPEGImages").glob("*.jpg"))
     assert main(["infer", "--workdir", str(workdir), "--images", str(image), "--out", str(tmp_path / "panels")]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "sal/step1/model.safetensors" in err and "checksum" in err, err
+    assert len(err.splitlines()) == 1 and "sal/step2/model.safetensors" in err and "checksum" in err, err
     assert not (tmp_path / "panels").exists()
     assert resume_suite(workdir, progress=False) == 0
     final = _stages(workdir)
     from mtshare.checkpoint import sha256_file
 
-    assert sha256_file(victim) == final["sal/step1"]["checksum"]  # whole again, and committed
-    assert final["sal/step1"]["ended"] > after["sal/step1"]["ended"]
-    assert final["sal/step1"]["attempts"] == after["sal/step1"]["attempts"] + 1
-    for name in ("base", "edge/step1"):
+    assert sha256_file(victim) == final["sal/step2"]["checksum"]  # whole again, and committed
+    assert final["sal/step2"]["ended"] > after["sal/step2"]["ended"]
+    assert final["sal/step2"]["attempts"] == after["sal/step2"]["attempts"] + 1
+    for name in ("base", "sal/step1", "edge/step1", "edge/step2"):
         assert final[name]["ended"] == after[name]["ended"] and final[name]["checksum"] == after[name]["checksum"]
 
 
