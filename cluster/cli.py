@@ -322,7 +322,9 @@ def _drive(cfg: SuiteConfig, workdir: Path, storage: Storage, ds_config: dict, e
         if before_start is not None:
             before_start()
         tracker = _tracker(cfg, workdir)
-        view = ProgressView(live=progress)
+        # The live table only on a terminal: in a log file, under nohup or in a Ray Job's log a
+        # Live display would print nothing until the end, so those get one line per transition.
+        view = ProgressView(live=progress and sys.stdout.isatty())
         view.note(f"suite {cfg.name}: workdir {workdir}, storage {storage.uri}, MLflow {tracker.uri}")
         view.note(f"executor: {executor.describe()}")
         config_text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

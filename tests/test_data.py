@@ -139,10 +139,14 @@ def test_check_names_missing_file(roots, tmp_path, layout, victim):
         check_dataset(layout, root)
 
 
-def test_check_human_parts_are_optional(roots, tmp_path):
+def test_check_names_a_missing_human_parts_file(roots, tmp_path):
+    """The release has human_parts/<id>.mat for every image (persons or not): one missing is a
+    broken download, named — not read as "no person"."""
     root = _copy(roots["pascal_context"], tmp_path)
-    next((root / "human_parts").glob("*.mat")).unlink()
-    check_dataset("pascal_context", root)
+    victim = next((root / "human_parts").glob("*.mat"))
+    victim.unlink()
+    with pytest.raises(DataError, match=f"^{re.escape(str(victim))}: file not found"):
+        check_dataset("pascal_context", root)
 
 
 def test_check_names_bad_label_values(roots, tmp_path):

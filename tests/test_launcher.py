@@ -28,12 +28,16 @@ def test_data_synth_then_check_then_a_deleted_file_is_named(tmp_path, layout):
     out = launcher("data", "check", "--dataset", layout, "--root", str(root))
     assert out.returncode == 0, out.stderr
     assert "train" in out.stdout and "val" in out.stdout
-    victim = sorted((root / ("sal_distill" if layout == "pascal_context" else "depth")).iterdir())[0]
-    victim.unlink()
-    out = launcher("data", "check", "--dataset", layout, "--root", str(root))
-    assert out.returncode == 2
-    assert victim.name in out.stderr
-    assert len(out.stderr.strip().splitlines()) == 1
+    folders = ["sal_distill", "human_parts"] if layout == "pascal_context" else ["depth"]
+    for folder in folders:  # human_parts/<id>.mat: the release has one per image, persons or not
+        victim = sorted((root / folder).iterdir())[-1]
+        kept = victim.read_bytes()
+        victim.unlink()
+        out = launcher("data", "check", "--dataset", layout, "--root", str(root))
+        assert out.returncode == 2
+        assert f"{folder}/{victim.name}" in out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1
+        victim.write_bytes(kept)
 
 
 def test_bad_config_exits_2_with_one_line_naming_the_field(tmp_path):

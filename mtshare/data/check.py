@@ -2,7 +2,8 @@
 
 Two passes per dataset:
 1. existence: both split files, and every file of every listed id (PASCAL's
-   human_parts/<id>.mat is optional: absent means no annotated person);
+   human_parts/<id>.mat included: the release has one for every image, persons or not, so a
+   missing one is a broken download);
 2. contents: decode images and labels and check shapes and value ranges, for at most
    ``max_decode`` ids per split (evenly spread over the split), so that a full-size
    release is checked in seconds rather than minutes.
@@ -111,6 +112,6 @@ def _decode_nyud(files: dict[str, Path]) -> None:
 
 # dataset -> (loader module, files every id must have, per-id decoder)
 _CHECKS = {
-    "pascal_context": (pc, ("image", "semseg", "label_map", "normals", "sal"), _decode_pascal),
+    "pascal_context": (pc, ("image", "semseg", "label_map", "human_parts", "normals", "sal"), _decode_pascal),
     "nyud": (nyud, ("image", "semseg", "depth", "normals", "edge"), _decode_nyud),
 }

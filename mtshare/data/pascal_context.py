@@ -6,7 +6,7 @@ Root layout::
     ImageSets/Context/{train,val}.txt
     semseg/pascal-context/<id>.png   (or semseg/VOC12/<id>.png) 21 VOC classes, 255 ignore
     pascal-context/trainval/<id>.mat  variable LabelMap: the 459 PASCAL-Context classes
-    human_parts/<id>.mat              variable anno: PASCAL-Part struct (optional per id)
+    human_parts/<id>.mat              variable anno: PASCAL-Part struct (one per image, persons or not)
     normals_distill/<id>.png          RGB, normal = 2 v / 255 - 1
     sal_distill/<id>.png              grey, salient where v / 255 > 0.5
 
@@ -186,13 +186,13 @@ def _person_parts(path: Path, anno: np.ndarray) -> list[list[tuple[str, np.ndarr
 
 
 def has_person_parts(path: Path) -> bool:
-    """True if human_parts/<id>.mat exists and holds a person with parts."""
-    return path.is_file() and bool(_person_parts(path, read_mat(path, "anno")))
+    """True if human_parts/<id>.mat holds a person with parts (the file must exist)."""
+    return bool(_person_parts(path, read_mat(path, "anno")))
 
 
 def load_human_parts(path: Path, shape: tuple[int, int]) -> np.ndarray:
     """6-group part map (0 background, 1..6); all 255 without a person with parts."""
-    persons = _person_parts(path, read_mat(path, "anno")) if path.is_file() else []
+    persons = _person_parts(path, read_mat(path, "anno"))
     if not persons:
         return np.full(shape, 255, dtype=np.uint8)
     target = np.zeros(shape, dtype=np.uint8)
