@@ -167,12 +167,18 @@ def _probe_tcp(host: str, port: int, timeout: float = 5.0) -> str | None:
         return e.strerror or type(e).__name__
 
 
-def _check_tracking(cfg: SuiteConfig) -> None:
+def _check_tracking(cfg: SuiteConfig, workdir: Path) -> None:
     """An MLflow server named by ``tracking_uri`` must answer before anything is written:
-    a TCP probe (fails in milliseconds for a closed port), then one read-only request."""
+    a TCP probe (fails in milliseconds for a closed port), then one read-only request. The
+    embedded sqlite store is refused on a network filesystem: sqlite's locks do not hold
+    across hosts there (a driver and a `launcher ui` on another host corrupt it)."""
     uri = cfg.tracking_uri
-    if not uri or urlsplit(uri).scheme not in ("http", "https"):
-        return  # the embedded sqlite store (or a local path) is created with the workdir
+    if not uri or uri.startswith("sqlite:"):
+        _check_sqlite_place(Path(uri.removeprefix("sqlite:///")) if uri else Path(workdir) / "mlflow.db",
+                            "tracking_uri")
+        return
+    if urlsplit(uri).scheme not in ("http", "https"):
+        return
     parts = urlsplit(uri)
     try:
         host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
@@ -189,6 +195,17 @@ def _check_tracking(cfg: SuiteConfig) -> None:
     except Exception as e:  # noqa: BLE001
         raise ConfigError(f"tracking_uri: cannot use MLflow at {uri} "
                           f"({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _check_sqlite_place(db: Path, field: str) -> None:
+    from cluster.tracking import network_fs
+
+    fs = network_fs(db.parent)
+    if fs:
+        raise ConfigError(f"{field}: the embedded MLflow store {db} would be on a {fs} filesystem, where sqlite "
+                          f"locking does not hold across hosts; run an MLflow server (`mlflow server "
+                          f"--backend-store-uri sqlite:////local/disk/mlflow.db --host 0.0.0.0`) and set "
+                          f"tracking_uri: http://<host>:5000, or use a --workdir on local disk")
 
 
 def _first_line(e: BaseException, limit: int = 200) -> str:
@@ -309,7 +326,7 @@ def _drive(cfg: SuiteConfig, workdir: Path, storage: Storage, ds_config: dict, e
     _check_dataset(cfg)
     _check_storage(storage)
     check_state_owner(storage, cfg, workdir, run_id)
-    _check_tracking(cfg)
+    _check_tracking(cfg, workdir)
     executor = _make_executor(cfg, storage, ds_config, executor_name, address)
     try:
         executor.check_fits(plan(cfg))
@@ -522,6 +539,7 @@ def serve_ui(workdir: Path, host: str = "127.0.0.1", port: int = 5000) -> int:
     db = workdir / "mlflow.db"
     if not db.exists():
         raise ConfigError(f"{db}: no MLflow store in this workdir (has the suite run?)")
+    _check_sqlite_place(db, "--workdir")  # a second server on one sqlite file over NFS corrupts it
     from cluster.tracking import default_tracking_uri
 
     if host not in ("127.0.0.1", "localhost", "::1"):

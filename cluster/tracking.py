@@ -30,6 +30,31 @@ def default_tracking_uri(workdir: Path) -> str:
     return f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
 
 
+# Filesystems where sqlite's file locks cannot be trusted (several hosts, one file).
+NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "ceph", "glusterfs", "beegfs", "9p",
+              "fuse.sshfs", "fuse.s3fs", "fuse.gcsfuse", "fuse.juicefs", "fuse.glusterfs", "fuse.ceph")
+
+
+def network_fs(path: Path, mounts: str | None = None) -> str | None:
+    """The network filesystem type ``path`` lives on (from ``/proc/mounts``: the longest mount
+    point that contains it), or None for a local one (or where mounts cannot be read)."""
+    if mounts is None:
+        try:
+            mounts = Path("/proc/mounts").read_text()
+        except OSError:
+            return None
+    target = Path(path).resolve()  # symlinks followed as far as they exist
+    best, best_type = "", None
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        if (str(target) == point or str(target).startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+            best, best_type = point, fields[2]
+    return best_type if best_type in NETWORK_FS else None
+
+
 def flatten(d: Any, prefix: str = "") -> dict[str, str]:
     """``{"a": {"b": 1}}`` → ``{"a.b": "1"}`` (MLflow params are flat strings)."""
     out: dict[str, str] = {}

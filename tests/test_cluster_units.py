@@ -240,3 +240,23 @@ def test_bad_input_is_refused_before_anything_is_written(case, tiny_suite, tmp_p
     with pytest.raises(ConfigError, match=match):
         run_suite(validate_suite(raw, workdir=str(workdir)), workdir, progress=False, executor="inprocess")
     assert not workdir.exists()
+
+
+def test_embedded_mlflow_is_refused_on_a_network_filesystem(tmp_path):
+    """sqlite over NFS (several hosts, one file) corrupts: the network mount holding a path is
+    found from /proc/mounts (longest mount point), and `run` refuses the embedded store there."""
+    from cluster.cli import _check_sqlite_place
+    from cluster.tracking import network_fs
+
+    mounts = "\n".join([
+        "/dev/sda1 / ext4 rw 0 0",
+        "nas:/export/runs /shared nfs4 rw,relatime 0 0",
+        "/dev/sdb1 /shared/local-scratch xfs rw 0 0",
+        "tmpfs /tmp tmpfs rw 0 0",
+    ])
+    assert network_fs(Path("/shared/runs/demo/mlflow.db"), mounts) == "nfs4"
+    assert network_fs(Path("/shared/local-scratch/x"), mounts) is None  # a local disk mounted below it
+    assert network_fs(Path("/sharedother/x"), mounts) is None  # a prefix of the name is not a parent
+    assert network_fs(Path("/home/me/run"), mounts) is None
+    assert network_fs(tmp_path) is None  # this machine's real mounts: the test dir is local
+    _check_sqlite_place(tmp_path / "mlflow.db", "tracking_uri")  # local: accepted
