@@ -330,6 +330,7 @@ def _drive(cfg: SuiteConfig, workdir: Path, storage: Storage, ds_config: dict, e
     executor = _make_executor(cfg, storage, ds_config, executor_name, address)
     try:
         executor.check_fits(plan(cfg))
+        executor.preflight(plan(cfg))  # where the stages will run: each node that can host one
         _prepare_workdir(workdir)  # the first write: everything above only reads
         lock.__enter__()
     except BaseException:

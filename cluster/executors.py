@@ -84,6 +84,9 @@ class InProcessExecutor:
     def check_fits(self, specs: list[StageSpec]) -> None:
         pass
 
+    def preflight(self, specs: list[StageSpec]) -> None:
+        pass  # the stages run in this process: the driver's own checks were the pre-flight
+
     def drain_events(self) -> list[dict]:
         return self.board.drain()
 
@@ -182,6 +185,18 @@ class RayExecutor:
                 f"{_field_of(missing, self.cfg, spec.task)}: a worker of stage {spec.name} needs "
                 f"{need[missing]:g} {missing}, but no node of the Ray cluster offers more than {best:g}"
             )
+
+    def preflight(self, specs: list[StageSpec]) -> None:
+        """Dataset, pretrained weights and a local storage root, checked on every node that can
+        host a worker of one of ``specs`` (see :mod:`cluster.preflight`)."""
+        from cluster.preflight import check_nodes
+        from cluster.storage import LocalStorage, unwrap
+
+        needs = [worker_resources(self.cfg, t) for t in {s.task for s in specs}]
+        hosts = [n for n in self._alive_nodes()
+                 if any(all(n.get("Resources", {}).get(k, 0.0) >= v for k, v in need.items()) for need in needs)]
+        local = unwrap(self.storage)
+        check_nodes(self.cfg, str(local.root) if isinstance(local, LocalStorage) else None, hosts)
 
     # --- running -----------------------------------------------------------------------------
     def drain_events(self) -> list[dict]:
