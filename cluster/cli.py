@@ -149,6 +149,37 @@ def read_state(workdir: Path) -> dict:
         raise ConfigError(f"{storage.uri}/{STATE_KEY}: no state file yet (the suite has not started)") from None
 
 
+def local_store(workdir: Path) -> Path:
+    """``<workdir>/store`` holding every finished stage's ``result.json`` and checkpoint, which
+    is what ``report``, ``infer`` and ``bench --workdir`` read. When the suite's storage is
+    elsewhere (S3, a shared root), this is a local cache of it, filled through the storage layer:
+    a stage's files are fetched when missing or different, each checkpoint verified against the
+    checksum the state file recorded before it takes its name."""
+    from mtshare.checkpoint import sha256_file
+    from mtshare.stages import MODEL_FILE
+
+    workdir = Path(workdir)
+    local = workdir / "store"
+    if not (workdir / SUITE_FILE).exists():
+        return local  # not a launcher run directory: read what is there
+    cfg, _ = load_suite(workdir)
+    storage = suite_storage(cfg, workdir)
+    if isinstance(unwrap(storage), LocalStorage) and storage.root == local.resolve():
+        return local
+    try:
+        state = storage.read_json(STATE_KEY)
+        for st in state["stages"]:
+            if st["status"] != "done":
+                continue
+            model = local / st["name"] / MODEL_FILE
+            if not (model.is_file() and sha256_file(model) == st["checksum"]):
+                storage.get(f"{st['name']}/{MODEL_FILE}", model, expected_sha256=st["checksum"])
+            storage.get(f"{st['name']}/result.json", local / st["name"] / "result.json")
+    except StorageError as e:
+        raise ConfigError(f"storage: {e}") from None
+    return local
+
+
 def _ds_config(cfg: SuiteConfig) -> dict:
     from cluster.deepspeed_stepper import load_ds_config
 

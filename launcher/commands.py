@@ -128,8 +128,11 @@ def write_report_plots(workdir: Path, store: Path, results: dict) -> list[Path]:
 
 
 def _local_store(workdir: Path) -> Path:
-    """The store of a run; S3 stores are mirrored into ``<workdir>/store`` by the driver."""
-    return workdir / "store"
+    """The store of a run, read through the suite's storage (S3 or a shared root) into a
+    verified local cache when it lives elsewhere (:func:`cluster.cli.local_store`)."""
+    from cluster.cli import local_store
+
+    return local_store(workdir)
 
 
 def cmd_submit(args) -> int:
@@ -144,7 +147,7 @@ def cmd_infer(args) -> int:
     from mtshare.infer import infer_images
 
     workdir = Path(args.workdir)
-    if not (workdir / "store").is_dir():
+    if not _local_store(workdir).is_dir():
         raise UserError(f"{workdir}: not a run directory (no store/)")
     for img in args.images:
         if not Path(img).is_file():
@@ -159,6 +162,8 @@ def cmd_bench(args) -> int:
     from mtshare.bench import BenchInputError, format_table, run_bench
 
     try:
+        if args.workdir:
+            _local_store(Path(args.workdir))
         if args.threads is not None and args.threads < 1:
             raise BenchInputError(f"--threads: must be >= 1, got {args.threads}")
         result = run_bench(args.model, args.img, args.batch, args.tasks, args.sparsity, args.workdir, args.device,

@@ -131,3 +131,14 @@ def test_s3_storage_stores_and_reloads_checkpoints(suite_run, s3_endpoint, tmp_p
     again = read_state(workdir)
     assert [(s["attempts"], s["checksum"], s["ended"]) for s in again["stages"]] == \
            [(s["attempts"], s["checksum"], s["ended"]) for s in state["stages"]]
+
+    # `report` and `infer` read the suite through its storage: the bucket's checkpoints land in a
+    # verified local cache (<workdir>/store), and the served outputs come from them.
+    from launcher.__main__ import main
+
+    image = next((Path(cfg.dataset.root) / "JPEGImages").glob("*.jpg"))
+    assert main(["infer", "--workdir", str(workdir), "--images", str(image), "--out", str(tmp_path / "panels")]) == 0
+    assert any((tmp_path / "panels").iterdir())
+    for st in state["stages"]:
+        assert ckpt.sha256_file(workdir / "store" / st["name"] / "model.safetensors") == st["checksum"]
+    assert main(["report", "--workdir", str(workdir), "--format", "json"]) == 0
