@@ -514,9 +514,37 @@ def submit_suite(cfg: SuiteConfig, args: Any) -> int:
         return _submit(cfg, args)
 
 
+def _check_cluster_paths(config_path: Path, overrides: list[str], workdir: str | None) -> None:
+    """Paths that a submitted suite uses are resolved on the cluster, not on this machine: the
+    workdir and every path in the config must be absolute (or under ``{workdir}``), else they
+    would land in the job's upload folder or point at nothing. Refused (exit 2) before submitting."""
+    from mtshare.config import apply_overrides, names_weight_file, read_mapping
+
+    if not workdir or not Path(workdir).is_absolute():
+        raise ConfigError(f"--workdir: `submit` needs an absolute path on the cluster's shared filesystem "
+                          f"(the suite runs on the cluster, not here), got {workdir!r}")
+    raw = apply_overrides(read_mapping(config_path), list(overrides))
+    model, dataset = raw.get("model") or {}, raw.get("dataset") or {}
+    tracking = raw.get("tracking_uri") or ""
+    paths = {
+        "dataset.root": dataset.get("root"),
+        "storage": raw.get("storage"),
+        "model.pretrained": model.get("pretrained") if names_weight_file(str(model.get("pretrained") or "")) else None,
+        "tracking_uri": tracking.removeprefix("sqlite:///") if tracking.startswith("sqlite:///") else None,
+    }
+    for field, value in paths.items():
+        if not isinstance(value, str) or value.startswith("{workdir}") or "://" in value:
+            continue
+        if not Path(value).is_absolute():
+            raise ConfigError(f"{field}: '{value}' is a relative path, but `submit` runs the suite on the cluster "
+                              f"(it would resolve inside the job's upload folder): give an absolute path, or one "
+                              f"under {{workdir}}")
+
+
 def _submit(cfg: SuiteConfig, args: Any) -> int:
     config_path = Path(args.config)
-    workdir = Path(args.workdir or Path("runs") / cfg.name).resolve()  # the cluster writes here (shared path)
+    _check_cluster_paths(config_path, getattr(args, "overrides", None) or [], args.workdir)
+    workdir = Path(args.workdir)  # absolute: the cluster writes here (a shared path)
     from ray.job_submission import JobSubmissionClient
 
     try:

@@ -140,6 +140,15 @@ def cuda_with_a_fraction_of_a_gpu(ctx):
     return ctx.run(ctx.config({"device": "cuda", "resources.gpus_per_worker": 0.5})), "resources.gpus_per_worker"
 
 
+def submit_with_a_relative_dataset_root(ctx):
+    return (["submit", ctx.config({"dataset.root": "data/pascal"}), "--address", "http://127.0.0.1:9",
+             "--workdir", str(ctx.workdir)], "dataset.root: 'data/pascal' is a relative path")
+
+
+def submit_without_an_absolute_workdir(ctx):
+    return ["submit", ctx.config(), "--address", "http://127.0.0.1:9", "--workdir", "runs/x"], "--workdir: `submit` needs"
+
+
 def deepspeed_stage_7(ctx):
     ds = ctx.tmp / "zero7.json"
     ds.write_text(json.dumps({"zero_optimization": {"stage": 7}}))
@@ -246,6 +255,8 @@ CASES = {
     "workers-zero": workers_zero,
     "gpus-beyond-any-node": gpus_beyond_any_node,
     "cuda-with-a-fraction-of-a-gpu": cuda_with_a_fraction_of_a_gpu,
+    "submit-relative-dataset-root": submit_with_a_relative_dataset_root,
+    "submit-relative-workdir": submit_without_an_absolute_workdir,
     "deepspeed-stage-7": deepspeed_stage_7,
     "img-size-not-divisible": img_size_not_divisible,
     "missing-dataset-root": missing_dataset_root,
