@@ -149,6 +149,9 @@ class RayExecutor:
         import ray
 
         self.cfg, self.storage, self.ds_config, self.max_failures = cfg, storage, ds_config, max_failures
+        # Read by Ray Train in this process and passed on to its controllers: 60 s by default,
+        # too short for a cluster that places workers on nodes still starting.
+        os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", f"{cfg.resources.start_timeout_s:g}")
         self.owns_ray = not ray.is_initialized()
         if self.owns_ray:
             connect_ray(address)
@@ -175,9 +178,15 @@ class RayExecutor:
         """Every stage's worker must fit on some node, else the suite could never finish: a
         configuration error, reported before anything runs."""
         nodes = [n.get("Resources", {}) for n in self._alive_nodes()]
+        workers = self.cfg.resources.workers
         for spec in specs:
             need = worker_resources(self.cfg, spec.task)
             if any(all(node.get(k, 0.0) >= v for k, v in need.items()) for node in nodes):
+                # Ray Train's placement group must hold all the stage's workers at once.
+                fit = sum(int(min(node.get(k, 0.0) / v for k, v in need.items() if v > 0) + 1e-9) for node in nodes)
+                if fit < workers:
+                    raise ConfigError(f"resources.workers: stage {spec.name} needs {workers} workers of {need}, but "
+                                      f"the Ray cluster's nodes can hold at most {fit} of them at once")
                 continue
             missing = next(k for k, v in need.items() if max((n.get(k, 0.0) for n in nodes), default=0.0) < v)
             best = max((n.get(missing, 0.0) for n in nodes), default=0.0)

@@ -161,6 +161,10 @@ class ResourcesConfig(_Strict):
     task_resources: dict[str, dict[str, float]] = Field(
         default_factory=dict, description="per task: extra custom resources pinning its pipeline to nodes"
     )
+    start_timeout_s: float = Field(
+        600, gt=0, description="how long a stage's worker group may take to start (placement, imports) before "
+        "Ray Train gives up; a real cluster may wait for nodes"
+    )
 
 
 class SuiteConfig(_Strict):

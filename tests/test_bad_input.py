@@ -136,6 +136,15 @@ def gpus_beyond_any_node(ctx):
     return argv, "resources.gpus_per_worker"
 
 
+def workers_beyond_the_cluster(ctx):
+    ctx.pre_existing_workdir()
+    if not (os.environ.get("RAY_AUTH_MODE") or os.environ.get("RAY_AUTH_TOKEN") or _HOME_TOKEN.exists()):
+        os.environ["RAY_AUTH_MODE"] = "disabled"
+    # Each worker fits on the node, but not 3 of them at once (2 CPUs here, 1 per worker).
+    argv = ctx.run(ctx.config({"resources.workers": 3}), executor="ray")
+    return argv, "resources.workers: stage base needs 3 workers"
+
+
 def cuda_with_a_fraction_of_a_gpu(ctx):
     return ctx.run(ctx.config({"device": "cuda", "resources.gpus_per_worker": 0.5})), "resources.gpus_per_worker"
 
@@ -255,6 +264,7 @@ CASES = {
     "workers-zero": workers_zero,
     "gpus-beyond-any-node": gpus_beyond_any_node,
     "cuda-with-a-fraction-of-a-gpu": cuda_with_a_fraction_of_a_gpu,
+    "workers-beyond-the-cluster": workers_beyond_the_cluster,
     "submit-relative-dataset-root": submit_with_a_relative_dataset_root,
     "submit-relative-workdir": submit_without_an_absolute_workdir,
     "deepspeed-stage-7": deepspeed_stage_7,
