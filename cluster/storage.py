@@ -39,13 +39,14 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 from urllib.parse import urlparse
 
+from mtshare.checkpoint import TMP_MARK, atomic_write, sha256_file
+
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 WRITE_ATTEMPTS = 3
 WRITE_BACKOFF_S = 0.5  # doubled after every failed attempt
 FAULTS_ENV = "MTSHARE_STORAGE_FAULTS"
-TMP_MARK = ".tmp-"
 
 
 class StorageError(RuntimeError):
@@ -199,20 +200,16 @@ class LocalStorage(Storage):
             raise StorageError(f"{self.uri}/{key}: not found") from None
 
     def write_stream(self, key: str, chunks: Iterable[bytes]) -> None:
-        path = self._path(key)
-        tmp = path.with_name(f".{path.name}{TMP_MARK}{uuid.uuid4().hex[:8]}")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
-                for chunk in chunks:
-                    f.write(chunk)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            atomic_write(self._path(key), chunks)
         except OSError as e:
             raise StorageError(f"{self.uri}/{key}: write failed ({e})") from None
-        finally:
-            tmp.unlink(missing_ok=True)
+
+    def sha256(self, key: str) -> str:
+        try:
+            return sha256_file(self._path(key))
+        except FileNotFoundError:
+            raise StorageError(f"{self.uri}/{key}: not found") from None
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)

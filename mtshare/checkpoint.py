@@ -19,8 +19,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -35,26 +36,33 @@ class CheckpointError(ValueError):
 
 
 def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+TMP_MARK = ".tmp-"  # in the name of a file being written (listings skip it)
+
+
+def atomic_write(path: str | Path, chunks: Iterable[bytes]) -> None:
+    """Create or replace ``path`` with the concatenated ``chunks``, atomically: a temporary name
+    in the same directory, fsync, ``os.replace``. On any error the final name keeps its old
+    content (or stays absent) and the temporary file is gone. The one local atomic write."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{uuid.uuid4().hex[:8]}")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            for chunk in chunks:
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    atomic_write(path, [data])
 
 
 def _save(path: str | Path, tensors: dict[str, torch.Tensor], manifest: dict) -> str:

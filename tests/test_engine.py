@@ -276,10 +276,10 @@ def test_bench_cli_and_workdir(tiny_suite, tmp_path, capsys):
     from launcher.__main__ import main
     from mtshare.config import validate_suite
     from mtshare.infer import load_suite_engine
-    from mtshare.suite import run_suite_inprocess
+    from cluster.cli import run_suite
 
     cfg = validate_suite(tiny_suite("benchwd", tasks=("sal",), steps=("step1",), iters=2), workdir=str(tmp_path))
-    run_suite_inprocess(cfg, tmp_path, log=lambda s: None)
+    assert run_suite(cfg, tmp_path, progress=False, executor="inprocess") == 0
     tau = ckpt.read_manifest(tmp_path / "store/sal/step1/model.safetensors")["operating_point"]["tau"]
     engine, _ = load_suite_engine(tmp_path / "store")
     assert tau and engine.thresholds["sal"] == tau

@@ -10,7 +10,7 @@ from mtshare.data import synthesize
 from mtshare.models.delta import base_mode
 from mtshare.report import build_report, format_report, load_results
 from mtshare.stages import downstream, plan
-from mtshare.suite import run_stage, run_suite_inprocess
+from mtshare.suite import run_stage
 from mtshare.train import Trainer, activation_rows, lr_factor
 
 
@@ -44,8 +44,12 @@ def suite_run(data_root, tmp_path_factory):
     torch.set_num_threads(1)
     workdir = tmp_path_factory.mktemp("run")
     cfg = validate_suite(tiny_suite(data_root), workdir=str(workdir))
-    results = run_suite_inprocess(cfg, workdir, log=lambda s: None)
-    return cfg, workdir, results
+    from cluster.cli import run_suite
+    from mtshare.report import load_results
+
+    # The one in-process path: the driver with every stage in this process (no Ray).
+    assert run_suite(cfg, workdir, progress=False, executor="inprocess") == 0
+    return cfg, workdir, load_results(workdir / "store")
 
 
 def test_lr_factor_is_bounded_and_ends_at_zero():
