@@ -30,10 +30,10 @@ from launcher.__main__ import main
 REPO = Path(__file__).resolve().parent.parent
 _HOME_TOKEN = Path.home() / ".ray" / "auth_token"
 
-# Cases run as real `python -m launcher` subprocesses. The GPU case starts a local Ray: in a
-# process of its own, so that Ray's process-wide state (token-auth setup) cannot leak into the
-# Ray instances later test modules start in this process.
-SUBPROCESS = {"yaml-not-a-mapping", "unreachable-ray-address", "gpus-beyond-any-node"}
+# Cases run as real `python -m launcher` subprocesses. The GPU and worker-count cases start a
+# local Ray: in a process of its own, so that Ray's process-wide state (token-auth setup)
+# cannot leak into the Ray instances later test modules start in this process.
+SUBPROCESS = {"yaml-not-a-mapping", "unreachable-ray-address", "gpus-beyond-any-node", "workers-beyond-the-cluster"}
 
 
 # --- helpers --------------------------------------------------------------------------------
