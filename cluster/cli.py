@@ -33,7 +33,7 @@ from mtshare.config import ConfigError, SuiteConfig, validate_suite
 from mtshare.stages import plan
 
 from cluster.state import STATE_KEY, status_view
-from cluster.storage import LocalStorage, Storage, StorageError, open_storage, unwrap
+from cluster.storage import LocalStorage, Storage, StorageError, open_storage
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SUITE_FILE = "suite.json"
@@ -77,7 +77,7 @@ def suite_storage(cfg: SuiteConfig, workdir: Path) -> Storage:
 
 def _check_storage(storage: Storage) -> None:
     """Reachable and writable, checked without writing anything."""
-    if isinstance(unwrap(storage), LocalStorage):
+    if isinstance(storage, LocalStorage):
         _check_writable(storage.root, f"storage: {storage.uri}")
         return
     try:
@@ -164,7 +164,7 @@ def local_store(workdir: Path) -> Path:
         return local  # not a launcher run directory: read what is there
     cfg, _ = load_suite(workdir)
     storage = suite_storage(cfg, workdir)
-    if isinstance(unwrap(storage), LocalStorage) and storage.root == local.resolve():
+    if isinstance(storage, LocalStorage) and storage.root == local.resolve():
         return local
     try:
         state = storage.read_json(STATE_KEY)

@@ -199,12 +199,12 @@ class RayExecutor:
         """Dataset, pretrained weights and a local storage root, checked on every node that can
         host a worker of one of ``specs`` (see :mod:`cluster.preflight`)."""
         from cluster.preflight import check_nodes
-        from cluster.storage import LocalStorage, unwrap
+        from cluster.storage import LocalStorage
 
         needs = [worker_resources(self.cfg, t) for t in {s.task for s in specs}]
         hosts = [n for n in self._alive_nodes()
                  if any(all(n.get("Resources", {}).get(k, 0.0) >= v for k, v in need.items()) for need in needs)]
-        local = unwrap(self.storage)
+        local = self.storage
         check_nodes(self.cfg, str(local.root) if isinstance(local, LocalStorage) else None, hosts)
 
     # --- running -----------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from mtshare.stages import StageSpec, downstream, plan
 
 from cluster.stage_runner import CHECKPOINTS, RESULT_FILE, checkpoint_format, claim_stage, find_resume, make_job
 from cluster.state import STATE_KEY, StateBook, driver_identity, new_state
-from cluster.storage import LocalStorage, Storage, unwrap
+from cluster.storage import LocalStorage, Storage
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ class SuiteDriver:
         """Where ``result.json`` files are mirrored for ``launcher report`` (which reads
         ``<workdir>/store``) when the storage is elsewhere, e.g. in S3."""
         local = self.workdir / "store"
-        if isinstance(unwrap(self.storage), LocalStorage) and self.storage.root == local.resolve():
+        if isinstance(self.storage, LocalStorage) and self.storage.root == local.resolve():
             return None
         return local
 

@@ -13,12 +13,11 @@ Atomicity, the property everything else relies on:
   (weights, then ``result.json``) and the driver commits the stage in ``state.json`` last,
   with the checksum; readers trust a file only when ``state.json`` says so.
 
-Every write goes through one primitive, :meth:`Storage.write_stream`; :meth:`Storage.put` and
-:meth:`Storage.write_bytes` retry it (``WRITE_ATTEMPTS`` times, with back-off) because a shared
-filesystem or bucket that blips once must not cost a stage. A write that keeps failing raises
-:class:`StorageError` naming the key. For fault-injection tests, ``MTSHARE_STORAGE_FAULTS``
-names a JSON rules file and every storage opened in that process fails the writes the rules
-select (:class:`FaultyStorage`; see docs/reliability.md).
+Every write goes through one primitive, :meth:`Storage.write_stream`. A shared filesystem that
+blips once must not cost a stage: on a local/NFS directory :meth:`Storage.put` and
+:meth:`Storage.write_bytes` retry it (``LocalStorage.write_attempts`` times, with back-off);
+S3 requests are retried by pyarrow itself (``AwsStandardS3RetryStrategy``). A write that keeps
+failing raises :class:`StorageError` naming the key.
 
 A storage is described by a small JSON-able dict (:meth:`Storage.describe`) so Ray workers can
 reopen it on any node; S3 credentials are *not* part of it (workers take them from their own
@@ -26,8 +25,6 @@ environment, as pyarrow does: ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` 
 """
 from __future__ import annotations
 
-import errno
-import fnmatch
 import hashlib
 import json
 import logging
@@ -36,7 +33,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 from urllib.parse import urlparse
 
 from mtshare.checkpoint import TMP_MARK, atomic_write, sha256_file
@@ -44,9 +41,9 @@ from mtshare.checkpoint import TMP_MARK, atomic_write, sha256_file
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
-WRITE_ATTEMPTS = 3
+WRITE_ATTEMPTS = 3  # local / NFS writes
+S3_ATTEMPTS = 5     # per S3 request, by pyarrow's AWS retry strategy
 WRITE_BACKOFF_S = 0.5  # doubled after every failed attempt
-FAULTS_ENV = "MTSHARE_STORAGE_FAULTS"
 
 
 class StorageError(RuntimeError):
@@ -106,15 +103,20 @@ class Storage:
 
         self._retry_write(key, attempt)
 
+    write_attempts = 1  # a backend whose client retries by itself needs no loop on top
+
     def _retry_write(self, key: str, attempt) -> None:
         delay = WRITE_BACKOFF_S
-        for i in range(1, WRITE_ATTEMPTS + 1):
+        for i in range(1, self.write_attempts + 1):
             try:
                 return attempt()
             except StorageError as e:
-                if i == WRITE_ATTEMPTS:
-                    raise StorageError(f"{e} (gave up after {WRITE_ATTEMPTS} attempts)") from None
-                log.warning("storage: write %d/%d of %s failed, retrying in %.1fs: %s", i, WRITE_ATTEMPTS, key, delay, e)
+                if i == self.write_attempts:
+                    if i == 1:
+                        raise
+                    raise StorageError(f"{e} (gave up after {i} attempts)") from None
+                log.warning("storage: write %d/%d of %s failed, retrying in %.1fs: %s", i, self.write_attempts, key,
+                            delay, e)
                 time.sleep(delay)
                 delay *= 2
 
@@ -168,6 +170,8 @@ def _clean_key(key: str) -> str:
 
 class LocalStorage(Storage):
     """A directory every node sees (local disk on one machine, NFS on a cluster)."""
+
+    write_attempts = WRITE_ATTEMPTS
 
     def __init__(self, root: str | Path):
         self.root = Path(root).resolve()
@@ -238,6 +242,8 @@ class S3Storage(Storage):
             u = urlparse(endpoint if "://" in endpoint else f"http://{endpoint}")
             kwargs.update(endpoint_override=u.netloc, scheme=u.scheme or "http")
         # Credentials come from the environment (AWS_ACCESS_KEY_ID, ...), like any AWS client.
+        # Transient errors (throttling, 5xx, timeouts) are retried per request by the AWS SDK.
+        kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS)
         self.fs = pafs.S3FileSystem(**kwargs)
         self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
 
@@ -313,115 +319,9 @@ class S3Storage(Storage):
                 "region": self.region}
 
 
-class FaultyStorage(Storage):
-    """Fault injection: another storage whose writes fail as a rules file says.
-
-    The rules file (JSON, re-read on every write so a test can change it while a suite runs)::
-
-        [{"key": "*/model.safetensors", "error": "full", "times": 1, "after_bytes": 4096}]
-
-    A write whose key matches ``key`` (fnmatch) fails with ``error`` — ``full`` (ENOSPC) or
-    ``unavailable`` (EIO) — after ``after_bytes`` bytes went to the underlying storage, i.e. in
-    the middle of the real atomic write path. ``times`` counts failures over every process
-    sharing the rules file (each one leaves a record in ``<rules file>.hits/`` saying whether
-    anything was visible under the final name right after the failure). Reads are untouched.
-    """
-
-    def __init__(self, inner: Storage, rules_path: str | Path):
-        self.inner, self.rules_path = inner, Path(rules_path)
-        self.uri = inner.uri
-
-    def _rules(self) -> list[dict]:
-        try:
-            return json.loads(self.rules_path.read_text())
-        except (OSError, ValueError):
-            return []
-
-    def _claim(self, index: int, times: int) -> Path | None:
-        """A hit record for rule ``index`` if it may still fail (O_EXCL: no double counting)."""
-        hits = self.rules_path.with_name(self.rules_path.name + ".hits")
-        hits.mkdir(exist_ok=True)
-        for n in range(times):
-            path = hits / f"rule{index}-{n}.json"
-            try:
-                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-                return path
-            except FileExistsError:
-                continue
-        return None
-
-    def write_stream(self, key: str, chunks: Iterable[bytes]) -> None:
-        for index, rule in enumerate(self._rules()):
-            if not fnmatch.fnmatchcase(key, rule["key"]):
-                continue
-            record = self._claim(index, int(rule.get("times", 1)))
-            if record is None:
-                continue
-            code = errno.ENOSPC if rule.get("error", "full") == "full" else errno.EIO
-            failing = _fail_after(chunks, int(rule.get("after_bytes", 0)), code)
-            try:
-                self.inner.write_stream(key, failing)
-            except StorageError as e:
-                visible = self.inner.exists(key)
-                record.write_text(json.dumps({"key": key, "error": str(e), "visible_after_failure": visible,
-                                              "pid": os.getpid(), "time": time.time()}))
-                raise
-            raise AssertionError(f"injected fault on {key} did not fail the write")
-        self.inner.write_stream(key, chunks)
-
-    # everything else is the underlying storage's
-    def exists(self, key: str) -> bool:
-        return self.inner.exists(key)
-
-    def list(self, prefix: str = "") -> list[str]:
-        return self.inner.list(prefix)
-
-    def open_read(self, key: str):
-        return self.inner.open_read(key)
-
-    def delete(self, key: str) -> None:
-        self.inner.delete(key)
-
-    def describe(self) -> dict:
-        return self.inner.describe()  # workers wrap it again from their own environment
-
-    def local_path(self, key: str) -> Path | None:
-        return self.inner.local_path(key)
-
-    def check(self) -> None:
-        getattr(self.inner, "check", lambda: None)()
-
-    def __getattr__(self, name: str):  # root, fs, ... of the underlying storage
-        return getattr(self.__dict__["inner"], name)
-
-
-def unwrap(storage: Storage) -> Storage:
-    """The real backend under any fault-injection wrapper."""
-    return unwrap(storage.inner) if isinstance(storage, FaultyStorage) else storage
-
-
-def _fail_after(chunks: Iterable[bytes], after_bytes: int, code: int) -> Iterator[bytes]:
-    sent = 0
-    for chunk in chunks:
-        if sent + len(chunk) > after_bytes:
-            if after_bytes > sent:
-                yield chunk[: after_bytes - sent]
-            break
-        sent += len(chunk)
-        yield chunk
-    raise OSError(code, f"{os.strerror(code)} (injected fault)")
-
-
 def open_storage(uri_or_desc: str | dict, endpoint: str | None = None) -> Storage:
     """A storage from a URI (``/path``, ``file:///path``, ``s3://bucket/prefix``) or from a
-    :meth:`Storage.describe` dict; wrapped in :class:`FaultyStorage` when ``MTSHARE_STORAGE_FAULTS``
-    is set."""
-    storage = _open_storage(uri_or_desc, endpoint)
-    rules = os.environ.get(FAULTS_ENV)
-    return FaultyStorage(storage, rules) if rules else storage
-
-
-def _open_storage(uri_or_desc: str | dict, endpoint: str | None = None) -> Storage:
+    :meth:`Storage.describe` dict."""
     if isinstance(uri_or_desc, dict):
         d = dict(uri_or_desc)
         kind = d.pop("kind")
@@ -442,7 +342,6 @@ def _open_storage(uri_or_desc: str | dict, endpoint: str | None = None) -> Stora
 def ray_train_storage(storage: Storage) -> tuple[str, Any]:
     """``(storage_path, storage_filesystem)`` for ``ray.train.RunConfig``: Ray Train keeps its runs
     and their checkpoints (mid-stage resume states) under ``_checkpoints/`` of the suite's storage."""
-    storage = unwrap(storage)
     if isinstance(storage, S3Storage):
         return storage._path("_checkpoints"), storage.fs
     return str(storage.local_path("_checkpoints")), None
