@@ -128,3 +128,24 @@ class ProgressView:
                 self._plain_at[name] = time.time()
                 print(f"[{stamp}] {name}: step {st.get('iteration', 0)}/{st.get('iters')} ETA {_clock(etas.get(name))}",
                       flush=True)
+
+
+def show_status(workdir, fmt: str = "table") -> int:
+    """``launcher status``: the stage table from the state file (during a run and after)."""
+    import json
+    from pathlib import Path
+
+    from cluster.state import status_view
+    from cluster.workdir import read_state
+
+    state = read_state(Path(workdir))
+    if fmt == "json":
+        print(json.dumps(status_view(state)))
+        return 0
+    from cluster.progress import render_state
+
+    from rich.console import Console
+
+    Console().print(render_state(state, live=False))
+    return 0
+

@@ -68,7 +68,7 @@ def cmd_run(args) -> int:
     raw_workdir = args.workdir
     cfg = load_suite_config(args.config, args.overrides, workdir=raw_workdir)
     workdir = Path(raw_workdir or Path("runs") / cfg.name)
-    from cluster.cli import run_suite
+    from cluster.run import run_suite
 
     return run_suite(cfg, workdir, config_path=args.config, overrides=args.overrides, address=args.address,
                      progress=not args.no_progress, executor=args.executor)
@@ -76,14 +76,14 @@ def cmd_run(args) -> int:
 
 def cmd_resume(args) -> int:
     workdir = default_workdir(args.workdir)
-    from cluster.cli import resume_suite
+    from cluster.run import resume_suite
 
     return resume_suite(workdir, address=args.address, executor=args.executor, progress=not args.no_progress,
                         overrides=args.overrides)
 
 
 def cmd_status(args) -> int:
-    from cluster.cli import show_status
+    from cluster.progress import show_status
 
     return show_status(default_workdir(args.workdir), fmt=args.format)
 
@@ -129,14 +129,14 @@ def write_report_plots(workdir: Path, store: Path, results: dict) -> list[Path]:
 
 def _local_store(workdir: Path) -> Path:
     """The store of a run, read through the suite's storage (S3 or a shared root) into a
-    verified local cache when it lives elsewhere (:func:`cluster.cli.local_store`)."""
-    from cluster.cli import local_store
+    verified local cache when it lives elsewhere (:func:`cluster.workdir.local_store`)."""
+    from cluster.workdir import local_store
 
     return local_store(workdir)
 
 
 def cmd_submit(args) -> int:
-    from cluster.cli import submit_suite
+    from cluster.submit import submit_suite
     from mtshare.config import load_suite_config
 
     cfg = load_suite_config(args.config, args.overrides, workdir=args.workdir)
@@ -176,6 +176,6 @@ def cmd_bench(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    from cluster.cli import serve_ui
+    from cluster.ui import serve_ui
 
     return serve_ui(default_workdir(args.workdir), host=args.host, port=args.port)

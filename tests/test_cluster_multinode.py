@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.cli import read_state, resume_suite, run_suite, suite_storage
+from cluster.run import resume_suite, run_suite
+from cluster.workdir import read_state, suite_storage
 from mtshare import checkpoint as ckpt
 from mtshare.config import validate_suite
 

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from cluster.cli import read_state, run_suite, show_status
+from cluster.progress import show_status
+from cluster.run import run_suite
+from cluster.workdir import read_state
 from cluster.deepspeed_stepper import load_ds_config
 from cluster.executors import RayExecutor
 from cluster.stage_runner import make_job

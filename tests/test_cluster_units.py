@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.cli import read_state, resume_suite, run_suite
+from cluster.run import resume_suite, run_suite
+from cluster.workdir import read_state
 from cluster.deepspeed_stepper import load_ds_config, stage_ds_config
 from cluster.executors import short_error, worker_resources
 from cluster.state import SCHEMA_KEYS, StateBook, new_state, status_view
@@ -245,7 +246,7 @@ def test_bad_input_is_refused_before_anything_is_written(case, tiny_suite, tmp_p
 def test_embedded_mlflow_is_refused_on_a_network_filesystem(tmp_path):
     """sqlite over NFS (several hosts, one file) corrupts: the network mount holding a path is
     found from /proc/mounts (longest mount point), and `run` refuses the embedded store there."""
-    from cluster.cli import _check_sqlite_place
+    from cluster.checks import check_sqlite_place
     from cluster.tracking import network_fs
 
     mounts = "\n".join([
@@ -259,4 +260,4 @@ def test_embedded_mlflow_is_refused_on_a_network_filesystem(tmp_path):
     assert network_fs(Path("/sharedother/x"), mounts) is None  # a prefix of the name is not a parent
     assert network_fs(Path("/home/me/run"), mounts) is None
     assert network_fs(tmp_path) is None  # this machine's real mounts: the test dir is local
-    _check_sqlite_place(tmp_path / "mlflow.db", "tracking_uri")  # local: accepted
+    check_sqlite_place(tmp_path / "mlflow.db", "tracking_uri")  # local: accepted

@@ -276,7 +276,7 @@ def test_bench_cli_and_workdir(tiny_suite, tmp_path, capsys):
     from launcher.__main__ import main
     from mtshare.config import validate_suite
     from mtshare.infer import load_suite_engine
-    from cluster.cli import run_suite
+    from cluster.run import run_suite
 
     cfg = validate_suite(tiny_suite("benchwd", tasks=("sal",), steps=("step1",), iters=2), workdir=str(tmp_path))
     assert run_suite(cfg, tmp_path, progress=False, executor="inprocess") == 0

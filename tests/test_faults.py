@@ -33,7 +33,8 @@ import yaml
 
 import storage_faults
 from cluster import storage as storage_mod
-from cluster.cli import read_state, resume_suite, run_suite
+from cluster.run import resume_suite, run_suite
+from cluster.workdir import read_state
 from cluster.storage import StorageError, open_storage
 from mtshare.checkpoint import TMP_MARK
 from mtshare.config import validate_suite

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.cli import run_suite
+from cluster.run import run_suite
 from mtshare.config import ConfigError, validate_suite
 
 from conftest import CLUSTER_ENV

@@ -87,6 +87,6 @@ def test_servers_default_to_loopback():
     assert _parser().parse_args(["ui"]).host == "127.0.0.1"
     import inspect
 
-    from cluster.cli import serve_ui
+    from cluster.ui import serve_ui
 
     assert inspect.signature(serve_ui).parameters["host"].default == "127.0.0.1"

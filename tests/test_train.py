@@ -44,7 +44,7 @@ def suite_run(data_root, tmp_path_factory):
     torch.set_num_threads(1)
     workdir = tmp_path_factory.mktemp("run")
     cfg = validate_suite(tiny_suite(data_root), workdir=str(workdir))
-    from cluster.cli import run_suite
+    from cluster.run import run_suite
     from mtshare.report import load_results
 
     # The one in-process path: the driver with every stage in this process (no Ray).
