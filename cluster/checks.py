@@ -46,7 +46,7 @@ def check_tracking(cfg: SuiteConfig, workdir: Path) -> None:
     uri = cfg.tracking_uri
     if not uri or uri.startswith("sqlite:"):
         check_sqlite_place(Path(uri.removeprefix("sqlite:///")) if uri else Path(workdir) / "mlflow.db",
-                            "tracking_uri")
+                           "tracking_uri")
         return
     if urlsplit(uri).scheme not in ("http", "https"):
         return

@@ -88,7 +88,7 @@ def check_suite_file(workdir: Path, cfg: SuiteConfig) -> str:
 
 
 def write_suite_file(workdir: Path, cfg: SuiteConfig, storage: Storage, config_path: Any, overrides: list[str],
-                      run_id: str) -> None:
+                     run_id: str) -> None:
     """Record the resolved config (portable, see :func:`_portable`), the run id that owns the
     suite's storage, and where its storage and MLflow store are (``tracking_uri`` null: the
     embedded store of whatever directory this is)."""
