@@ -71,6 +71,8 @@ class InProcessExecutor:
 
     name = "inprocess"
 
+    cluster_address = None
+
     def __init__(self, cfg: SuiteConfig, storage: Storage):
         self.cfg, self.storage = cfg, storage
         self.board = LocalBoard()
@@ -155,6 +157,9 @@ class RayExecutor:
         self.owns_ray = not ray.is_initialized()
         if self.owns_ray:
             connect_ray(address)
+        # Where `resume` finds this suite's cluster again (None: a private local Ray).
+        local = self.owns_ray and address in (None, "", "local")
+        self.cluster_address = None if local else ray.get_runtime_context().gcs_address
         self.board = _progress_board_class().remote()
 
     # --- resources ---------------------------------------------------------------------------

@@ -40,13 +40,17 @@ def run_suite(cfg: SuiteConfig, workdir: Path, config_path: Any = None, override
     storage = suite_storage(cfg, workdir)
     run_id = check_suite_file(workdir, cfg)
     ds_config = suite_ds_config(cfg)
-    record = lambda: write_suite_file(workdir, cfg, storage, config_path, overrides or [], run_id)  # noqa: E731
+    record = lambda executor: write_suite_file(workdir, cfg, storage, config_path, overrides or [],  # noqa: E731
+                                               run_id, executor.cluster_address)
     return _drive(cfg, workdir, storage, ds_config, executor, address, progress, run_id, before_start=record)
 
 
 def resume_suite(workdir: Path, address: str | None = None, executor: str = "ray", progress: bool = True,
                  overrides: list[str] | None = None) -> int:
     """``launcher resume``: verify finished stages, run the rest. 0 done, 1 failed.
+
+    Without ``address`` it goes to the Ray cluster the suite ran on (``suite.json``), or starts
+    a local Ray for a suite that ran on one; ``address="local"`` runs it on this machine.
 
     ``overrides`` (``--set key=value``) fix the saved config first, e.g. after a stage failed
     on a bad setting. They may not change which stages the suite has. A finished stage whose
@@ -58,10 +62,19 @@ def resume_suite(workdir: Path, address: str | None = None, executor: str = "ray
     storage = suite_storage(cfg, workdir)
     ds_config = suite_ds_config(cfg)
     run_id = meta.get("run_id")
+    if address is None and executor == "ray" and meta.get("address"):
+        address = meta["address"]
+        try:
+            check_ray_address(address)
+        except ConfigError as e:
+            raise ConfigError(f"{workdir / 'suite.json'}: the suite ran on the Ray cluster at {address}, which does "
+                              f"not answer ({str(e).rsplit('(', 1)[-1].rstrip(')')}); start it, or resume elsewhere "
+                              f"with --address (local: this machine)") from None
     record = None
     if overrides:  # recorded once every check has passed, under the driver lock
-        record = lambda: write_suite_file(workdir, cfg, storage, meta.get("config_path"),  # noqa: E731
-                                          [*meta.get("overrides", []), *overrides], run_id)
+        record = lambda executor: write_suite_file(  # noqa: E731
+            workdir, cfg, storage, meta.get("config_path"), [*meta.get("overrides", []), *overrides], run_id,
+            executor.cluster_address)
     return _drive(cfg, workdir, storage, ds_config, executor, address, progress, run_id, before_start=record)
 
 
@@ -98,7 +111,7 @@ def _drive(cfg: SuiteConfig, workdir: Path, storage: Storage, ds_config: dict, e
            address: str | None, progress: bool, run_id: str | None, before_start=None) -> int:
     """Check everything that can be checked without writing (pretrained weights, data, storage,
     state ownership, MLflow server, cluster fit), then create the workdir, take the driver lock,
-    record the suite (``before_start``), start tracking and the driver."""
+    record the suite (``before_start(executor)``), start tracking and the driver."""
     from cluster.progress import ProgressView
     from cluster.scheduler import DriverLock, SuiteDriver, check_state_owner
 
@@ -120,7 +133,7 @@ def _drive(cfg: SuiteConfig, workdir: Path, storage: Storage, ds_config: dict, e
         raise
     try:
         if before_start is not None:
-            before_start()
+            before_start(executor)
         tracker = _tracker(cfg, workdir)
         # The live table only on a terminal: in a log file, under nohup or in a Ray Job's log a
         # Live display would print nothing until the end, so those get one line per transition.

@@ -88,15 +88,16 @@ def check_suite_file(workdir: Path, cfg: SuiteConfig) -> str:
 
 
 def write_suite_file(workdir: Path, cfg: SuiteConfig, storage: Storage, config_path: Any, overrides: list[str],
-                     run_id: str) -> None:
+                     run_id: str, address: str | None) -> None:
     """Record the resolved config (portable, see :func:`_portable`), the run id that owns the
-    suite's storage, and where its storage and MLflow store are (``tracking_uri`` null: the
-    embedded store of whatever directory this is)."""
+    suite's storage, where its storage and MLflow store are (``tracking_uri`` null: the
+    embedded store of whatever directory this is) and the Ray cluster it runs on (``address``:
+    its GCS address, null for a private local Ray), where ``resume`` goes by default."""
     from mtshare.checkpoint import atomic_write_bytes
 
     meta = {"suite": cfg.name, "run_id": run_id, "config": _portable(cfg.model_dump(mode="json"), workdir),
             "config_path": str(config_path) if config_path else None, "overrides": list(overrides or []),
-            "storage": storage.uri, "tracking_uri": cfg.tracking_uri, "created": time.time()}
+            "storage": storage.uri, "tracking_uri": cfg.tracking_uri, "address": address, "created": time.time()}
     atomic_write_bytes(workdir / SUITE_FILE, json.dumps(meta, indent=1).encode())
 
 
