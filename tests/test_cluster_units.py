@@ -216,6 +216,13 @@ def test_a_stale_driver_lock_of_another_host_is_taken_over(tiny_suite, tmp_path)
     assert resume_suite(workdir, executor="inprocess", progress=False) == 0
     assert not lock.exists() and read_state(workdir)["state"] == "done"
 
+    # resume goes to the cluster recorded in suite.json by default: one that is gone is named.
+    meta = json.loads((workdir / "suite.json").read_text())
+    assert meta["address"] is None  # ran in-process: no cluster to go back to
+    (workdir / "suite.json").write_text(json.dumps({**meta, "address": "127.0.0.1:9"}))
+    with pytest.raises(ConfigError, match=r"suite.json: the suite ran on the Ray cluster at 127.0.0.1:9, which does not"):
+        resume_suite(workdir, progress=False)
+
 
 @pytest.mark.parametrize("case", ["dataset root", "deepspeed file", "s3 bucket", "storage owner"])
 def test_bad_input_is_refused_before_anything_is_written(case, tiny_suite, tmp_path, moto_endpoint):
