@@ -284,6 +284,7 @@ def test_bench_cli_and_workdir(tiny_suite, tmp_path, capsys):
     engine, _ = load_suite_engine(tmp_path / "store")
     assert tau and engine.thresholds["sal"] == tau
     threads = torch.get_num_threads()
+    capsys.readouterr()  # the suite's own output
     try:
         assert main(["bench", "--workdir", str(tmp_path), "--img", "32", "--tasks", "5", "--threads", "1",
                      "--format", "json"]) == 0
