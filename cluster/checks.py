@@ -133,11 +133,15 @@ def check_data(cfg: SuiteConfig) -> None:
                           f"than one global batch ({global_batch}) to train on")
 
 
-def suite_ds_config(cfg: SuiteConfig) -> dict:
-    from cluster.deepspeed_stepper import load_ds_config
-
+def ds_config_path(cfg: SuiteConfig) -> Path:
     path = Path(cfg.deepspeed)
     if not path.is_absolute() and not path.exists():
         path = REPO_ROOT / path  # configs/deepspeed/... relative to the project
-    return load_ds_config(path)
+    return path
+
+
+def suite_ds_config(cfg: SuiteConfig) -> dict:
+    from cluster.deepspeed_stepper import load_ds_config
+
+    return load_ds_config(ds_config_path(cfg))
 

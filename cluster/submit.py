@@ -13,22 +13,21 @@ from typing import Any
 
 from mtshare.config import ConfigError, SuiteConfig
 
+from cluster.checks import ds_config_path, suite_ds_config
 from cluster.run import ray_auth_env
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("launcher", "mtshare", "cluster", "configs")  # what a submitted job needs
+PACKAGES = ("launcher", "mtshare", "cluster")  # the code a submitted job runs (Ray's py_modules)
+SUITE_YAML, DS_JSON = "suite.yaml", "deepspeed.json"  # in the job's working_dir
 
 
-def _stage_job_dir(config_path: Path) -> tuple[Path, str]:
-    """A temporary ``working_dir`` for the job: the project's packages + the suite YAML."""
+def _stage_job_dir(config_path: Path, ds_config: Path) -> Path:
+    """The job's ``working_dir``: its data only — the suite YAML and the DeepSpeed JSON it names.
+    The code travels as ``py_modules`` (Ray uploads each package once, by content hash)."""
     stage = Path(tempfile.mkdtemp(prefix="mtshare-job-"))
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for pkg in PACKAGES:
-        shutil.copytree(REPO_ROOT / pkg, stage / pkg, ignore=ignore)
-    rel = f"_submitted/{config_path.name}"
-    (stage / "_submitted").mkdir()
-    shutil.copy2(config_path, stage / rel)
-    return stage, rel
+    shutil.copy2(config_path, stage / SUITE_YAML)
+    shutil.copy2(ds_config, stage / DS_JSON)
+    return stage
 
 
 def submit_suite(cfg: SuiteConfig, args: Any) -> int:
@@ -74,16 +73,18 @@ def _submit(cfg: SuiteConfig, args: Any) -> int:
         client = JobSubmissionClient(args.address)
     except Exception as e:  # noqa: BLE001 - ConnectionError, auth errors...
         raise ConfigError(f"--address {args.address}: cannot reach the Ray dashboard ({str(e).splitlines()[0][:200]})") from None
-    stage, rel = _stage_job_dir(config_path)
-    cmd = [os.environ.get("MTSHARE_JOB_PYTHON", "python"), "-m", "launcher", "run", rel, "--workdir", str(workdir),
-           "--address", "auto", "--no-progress"]
-    for item in getattr(args, "overrides", None) or []:
+    suite_ds_config(cfg)  # readable and a supported ZeRO stage (exit 2 otherwise), before it ships
+    stage = _stage_job_dir(config_path, ds_config_path(cfg))
+    cmd = [os.environ.get("MTSHARE_JOB_PYTHON", "python"), "-m", "launcher", "run", SUITE_YAML, "--workdir",
+           str(workdir), "--address", "auto", "--no-progress"]
+    for item in [*(getattr(args, "overrides", None) or []), f"deepspeed={DS_JSON}"]:
         cmd += ["--set", item]
     submission_id = f"mtshare-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
     try:
         job_id = _submit_with_retry(
             client, entrypoint=" ".join(shlex.quote(c) for c in cmd), submission_id=submission_id,
-            runtime_env={"working_dir": str(stage), "env_vars": {"MTSHARE_IN_RAY_JOB": "1"}},
+            runtime_env={"working_dir": str(stage), "py_modules": [str(REPO_ROOT / p) for p in PACKAGES],
+                         "excludes": ["__pycache__", "*.pyc"], "env_vars": {"MTSHARE_IN_RAY_JOB": "1"}},
             metadata={"suite": cfg.name, "workdir": str(workdir)},
         )
     finally:
