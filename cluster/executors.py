@@ -270,7 +270,7 @@ class RayExecutor:
 def connect_ray(address: str | None) -> None:
     """Start a local Ray (``address`` None) or join a cluster so that workers can import the
     project: locally through PYTHONPATH (workers inherit the raylet's environment); inside a
-    submitted Ray Job the job's ``working_dir`` already holds it; otherwise the packages travel
+    submitted Ray Job the job's ``py_modules`` already hold it; otherwise the packages travel
     as ``py_modules``."""
     import ray
 
