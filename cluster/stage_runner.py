@@ -51,6 +51,7 @@ RESULT_FILE = "result.json"
 PIPELINE_FILE = "pipeline.json"  # in every checkpoint: the step it belongs to and the steps completed
 CHECKPOINTS = "_checkpoints"     # <storage>/_checkpoints/<run name>/<checkpoint>: Ray Train's storage_path
 CACHE_ENV = "MTSHARE_CACHE_DIR"
+SYSTEM_METRICS_EVERY_S = 10.0
 
 
 def run_name(specs: list[StageSpec], launch_id: str) -> str:
@@ -140,6 +141,57 @@ def _param_digest(model: torch.nn.Module) -> str:
         h.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
+
+
+class _SystemMetrics:
+    """Rank 0's machine while a step trains — CPU and memory use, and the GPU's memory and
+    utilisation — sampled every ``SYSTEM_METRICS_EVERY_S`` (and at the start and the end of the
+    step) and sent as ``log`` events, so that they land in the step's MLflow run under MLflow's
+    own ``system/`` names (the UI shows them as system metrics)."""
+
+    def __init__(self, emit: _Emitter, device):
+        import threading
+
+        self.emit, self.device = emit, torch.device(device or "cpu")
+        self._stop = threading.Event()
+        self._thread: Any = None
+
+    def sample(self) -> dict[str, float]:
+        import psutil
+
+        m = {"system/cpu_utilization_percentage": psutil.cpu_percent(interval=None),
+             "system/system_memory_usage_percentage": psutil.virtual_memory().percent,
+             "system/process_memory_usage_megabytes": psutil.Process().memory_info().rss / 2**20}
+        if self.device.type == "cuda":
+            i = self.device.index or 0
+            m[f"system/gpu_{i}_memory_usage_megabytes"] = torch.cuda.memory_allocated(self.device) / 2**20
+            try:
+                m[f"system/gpu_{i}_utilization_percentage"] = float(torch.cuda.utilization(self.device))
+            except Exception:  # noqa: BLE001 - needs NVML; memory is reported all the same
+                pass
+        return m
+
+    def _send(self) -> None:
+        self.emit("log", step=int(self.step()), metrics=self.sample())
+
+    def start(self, step: Callable[[], int]) -> None:
+        import threading
+
+        self.step = step
+        self._send()
+
+        def loop() -> None:
+            while not self._stop.wait(SYSTEM_METRICS_EVERY_S):
+                self._send()
+
+        self._thread = threading.Thread(target=loop, name="system-metrics", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(timeout=5)
+            self._send()
 
 
 # --- fencing, resume pointers, outputs -------------------------------------------------------
@@ -303,11 +355,14 @@ def _run_step(spec: StageSpec, job: dict, storage: Storage, prev_sha: str | None
             emit("resume", iteration=int(metrics["resumed_from"]), iters=spec.optim.iters)
         emit("log", step=step, metrics={k: float(v) for k, v in metrics.items()})
 
+    sampler = _SystemMetrics(emit, device) if emit.enabled else None
     try:
         base_path, prev_path = _fetch_inputs(storage, spec, job["base_sha256"], prev_sha, emit, node)
         trainer = Trainer(spec, out_dir, base_path=base_path, base_sha256=job["base_sha256"], prev_path=prev_path,
                           device=device, wrap=wrap, on_log=on_log, on_checkpoint=on_checkpoint,
                           resume_dir=resume_dir or out_dir / RESUME_DIR)
+        if sampler is not None:
+            sampler.start(lambda: trainer.iteration)
         outcome["stepper"] = {"class": type(trainer.stepper).__name__,
                               "optimizer": type(getattr(trainer.stepper, "optimizer", None)).__name__,
                               "zero_stage": getattr(trainer.stepper, "zero_stage", None)}
@@ -321,6 +376,8 @@ def _run_step(spec: StageSpec, job: dict, storage: Storage, prev_sha: str | None
         storage.write_json(marker, {"launch_id": launch_id, "error": str(e)})
         raise  # Ray Train stops the group; the restarted attempt reads the marker above
     finally:
+        if sampler is not None:
+            sampler.stop()
         shutil.rmtree(work, ignore_errors=True)  # the stage's files of value are in storage
 
     digests = [_param_digest(trainer.model)]

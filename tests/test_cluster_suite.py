@@ -82,6 +82,8 @@ def test_suite_end_to_end_state_mlflow_and_checkpoints_agree(finished_suite, cap
         assert run.data.tags["mtshare.checksum"] == st["checksum"]
         assert len(client.get_metric_history(run.info.run_id, "loss")) >= 2  # per step, from rank 0
         assert {"flops", "dense_flops", "params_stored"} <= set(run.data.metrics)
+        # rank 0's machine while the step trained, under MLflow's own system-metric names
+        assert {"system/cpu_utilization_percentage", "system/process_memory_usage_megabytes"} <= set(run.data.metrics)
     assert "delta_sparsity" in client.get_run(stages["sal/step1"]["mlflow_run_id"]).data.metrics
 
     capsys.readouterr()
