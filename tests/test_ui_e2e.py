@@ -2,8 +2,10 @@
 
 Chromium is driven through chromedriver's W3C WebDriver HTTP API directly (a few JSON
 requests; no Selenium dependency). `.ci/run` installs Debian's `chromium` and
-`chromium-driver` when missing. The screenshot lands in the test's tmp dir, and in
-`docs/images/mlflow_ui.png` (the README's picture) when MTSHARE_UPDATE_SCREENSHOTS=1.
+`chromium-driver` when missing. The screenshot lands in the test's tmp dir. The README's
+picture is the same view of `make demo`'s run:
+
+    python tests/test_ui_e2e.py runs/demo docs/images/mlflow_ui.png
 """
 import base64
 import json
@@ -77,9 +79,11 @@ class Browser:
     def get(self, url: str) -> None:
         http("POST", f"{self.base}/session/{self.session}/url", {"url": url})
 
+    def run(self, script: str):
+        return http("POST", f"{self.base}/session/{self.session}/execute/sync", {"script": script, "args": []})["value"]
+
     def text(self) -> str:
-        script = {"script": "return document.body ? document.body.innerText : ''", "args": []}
-        return http("POST", f"{self.base}/session/{self.session}/execute/sync", script)["value"]
+        return self.run("return document.body ? document.body.innerText : ''")
 
     def wait_for(self, needles: list[str], seconds: float = 60) -> str:
         deadline = time.time() + seconds
@@ -101,6 +105,32 @@ class Browser:
         finally:
             self.proc.terminate()
             self.proc.wait(timeout=10)
+
+
+# What a user monitors: the suite's parent run expanded with its nested stage runs, beside the
+# charts of their loss (MLflow 3.17's runs page; the assistant panel closed).
+MONITOR_VIEW = [
+    "const b = Array.from(document.querySelectorAll('button')).find(b => b.getAttribute('aria-label') === 'Close');"
+    " if (b) b.click();",
+    "document.querySelector('.ag-row button[data-component-id*=runnamecellrenderer]').click();",
+    "document.querySelector('input[name=runs-view-mode][value=CHART]').closest('label').click();",
+    "const i = Array.from(document.querySelectorAll('input')).find(x => (x.placeholder || '').includes('metric charts'));"
+    " Object.getOwnPropertyDescriptor(HTMLInputElement.prototype, 'value').set.call(i, 'loss');"
+    " i.dispatchEvent(new Event('input', {bubbles: true}));",
+]
+
+
+def monitor_view(browser: Browser, runs_url: str, suite: str, stage_names: list[str], shot: Path) -> str:
+    """Open the runs page in the monitoring view, screenshot it; returns the page's text."""
+    browser.get(runs_url)
+    browser.wait_for([suite])
+    time.sleep(2)
+    for step in MONITOR_VIEW:
+        browser.run(step)
+        time.sleep(1.5)
+    text = browser.wait_for([*stage_names, "task_loss"])  # nested runs listed, their loss charted
+    browser.screenshot(shot)
+    return text
 
 
 @pytest.fixture(scope="module")
@@ -149,16 +179,40 @@ def test_mlflow_ui_shows_the_suite_and_its_stage_runs(finished_suite, tmp_path):
         browser.get(f"{home}/runs/{parent.info.run_id}")
         browser.wait_for(["uitiny", "suite_flops"])
         shot = tmp_path / "mlflow_ui.png"
-        browser.get(f"{home}/runs")  # the runs table: the suite's parent run
-        browser.wait_for(["uitiny"])
-        time.sleep(2)
-        browser.screenshot(shot)
+        monitor_view(browser, f"{home}/runs", "uitiny", sorted(stages), shot)
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
-        if os.environ.get("MTSHARE_UPDATE_SCREENSHOTS") == "1":
-            (REPO / "docs" / "images").mkdir(parents=True, exist_ok=True)
-            shutil.copy(shot, REPO / "docs" / "images" / "mlflow_ui.png")
     finally:
         if browser:
             browser.close()
         os.killpg(ui.pid, signal.SIGTERM)
         ui.wait(timeout=30)
+
+
+def main(workdir: str, out: str) -> None:
+    """The README's picture: the monitoring view of a finished suite's embedded MLflow store."""
+    from mlflow import MlflowClient
+
+    workdir = Path(workdir).resolve()
+    suite = json.loads((workdir / "suite.json").read_text())["suite"]
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(suite)
+    names = sorted(r.info.run_name for r in client.search_runs([exp.experiment_id])
+                   if "mlflow.parentRunId" in r.data.tags)[:3]
+    port = free_port()
+    ui = subprocess.Popen([sys.executable, "-m", "launcher", "ui", "--workdir", str(workdir), "--port", str(port)],
+                          cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    browser = None
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", 90)
+        browser = Browser(Path(out).resolve().parent)
+        monitor_view(browser, f"http://127.0.0.1:{port}/#/experiments/{exp.experiment_id}/runs", suite, names, Path(out))
+    finally:
+        if browser:
+            browser.close()
+        shutil.rmtree(Path(out).resolve().parent / "chrome", ignore_errors=True)
+        os.killpg(ui.pid, signal.SIGTERM)
+        ui.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
