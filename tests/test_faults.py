@@ -272,14 +272,15 @@ def test_worker_kill_nan_storage_blip_driver_kill_corruption_and_idempotent_resu
     # Resume after the fix (`launcher resume --set`, a separate driver process on this Ray
     # cluster): only edge's stage runs. Fault 2: SIGKILL that driver mid-stage.
     done = {n: (s["checksum"], s["ended"], s["mlflow_run_id"]) for n, s in stages.items() if s["status"] == "done"}
-    # No --address: resume goes to the cluster the suite ran on, recorded in suite.json.
+    # No --address: resume goes to the cluster the suite ran on, recorded in suite.json. And from
+    # another current directory than the run's: nothing depends on where the driver starts.
     address = ray_cluster.get_runtime_context().gcs_address
     assert json.loads((workdir / "suite.json").read_text())["address"] == address
     with open(tmp_path / "driver.log", "w") as log:
         driver = subprocess.Popen(
             [sys.executable, "-m", "launcher", "resume", "--workdir", str(workdir),
              "--set", "task_overrides.edge.step1.fail_at_iter=null", "--no-progress"],
-            cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+            cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
         try:
             mid = _wait(workdir, lambda: driver.poll() is None,
                         lambda s: s["edge/step1"]["attempts"] == 2 and (s["edge/step1"].get("checkpoint_iteration") or 0) >= 8)
