@@ -144,11 +144,11 @@ class DeepSpeedStepper:
         restores the weights and counters (the Trainer did) and starts the moments fresh."""
         ds_dir = directory / DS_TAG
         world = dist.get_world_size() if dist.is_initialized() else 1
-        shards = len(list(ds_dir.glob("zero_pp_rank_*_optim_states.pt"))) if ds_dir.is_dir() else 0
         if not ds_dir.is_dir():
             log.warning("resume: %s holds no DeepSpeed state; optimizer moments start fresh", directory)
             self._refresh_master_weights()
             return
+        shards = len(list(ds_dir.glob("zero_pp_rank_*_optim_states.pt")))
         same_layout = not self.zero_stage or shards == world
         if not same_layout:
             log.warning("resume: %s was saved by %d worker(s), this run has %d: weights restored, "

@@ -56,6 +56,11 @@ def worker_resources(cfg: SuiteConfig, task: str) -> dict[str, float]:
     return res
 
 
+def can_host(node_resources: dict[str, float], need: dict[str, float]) -> bool:
+    """Whether a node offering ``node_resources`` can host one worker needing ``need``."""
+    return all(node_resources.get(k, 0.0) >= v for k, v in need.items())
+
+
 def _field_of(resource: str, cfg: SuiteConfig, task: str) -> str:
     if resource == "CPU":
         return "resources.cpus_per_worker"
@@ -186,7 +191,7 @@ class RayExecutor:
         workers = self.cfg.resources.workers
         for spec in specs:
             need = worker_resources(self.cfg, spec.task)
-            if any(all(node.get(k, 0.0) >= v for k, v in need.items()) for node in nodes):
+            if any(can_host(node, need) for node in nodes):
                 # Ray Train's placement group must hold all the stage's workers at once.
                 fit = sum(int(min(node.get(k, 0.0) / v for k, v in need.items() if v > 0) + 1e-9) for node in nodes)
                 if fit < workers:
@@ -207,10 +212,8 @@ class RayExecutor:
         from cluster.storage import LocalStorage
 
         needs = [worker_resources(self.cfg, t) for t in {s.task for s in specs}]
-        hosts = [n for n in self._alive_nodes()
-                 if any(all(n.get("Resources", {}).get(k, 0.0) >= v for k, v in need.items()) for need in needs)]
-        local = self.storage
-        check_nodes(self.cfg, str(local.root) if isinstance(local, LocalStorage) else None, hosts)
+        hosts = [n for n in self._alive_nodes() if any(can_host(n.get("Resources", {}), need) for need in needs)]
+        check_nodes(self.cfg, str(self.storage.root) if isinstance(self.storage, LocalStorage) else None, hosts)
 
     # --- running -----------------------------------------------------------------------------
     def drain_events(self) -> list[dict]:

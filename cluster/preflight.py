@@ -4,7 +4,6 @@ runs it there), so what a stage reads and writes — the dataset, ``model.pretra
 local storage root — is checked on each node, and an error names the node."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from mtshare.config import ConfigError, SuiteConfig
@@ -28,11 +27,12 @@ def check_this_node(cfg: SuiteConfig, storage_root: str | None) -> str | None:
     except ConfigError as e:
         return str(e)
     if storage_root:
-        probe = Path(storage_root)
-        while not probe.exists() and probe != probe.parent:
-            probe = probe.parent
-        if not (probe.is_dir() and os.access(probe, os.W_OK | os.X_OK)):
-            return f"storage: {storage_root}: not writable here ({probe})"
+        from cluster.workdir import check_writable
+
+        try:
+            check_writable(Path(storage_root), f"storage: {storage_root}")  # the driver's check, here
+        except ConfigError as e:
+            return str(e)
     return None
 
 

@@ -40,7 +40,8 @@ from mtshare.stages import StageSpec, downstream, plan
 
 from cluster.stage_runner import CHECKPOINTS, RESULT_FILE, checkpoint_format, claim_stage, find_resume, make_job
 from cluster.state import STATE_KEY, StateBook, driver_identity, new_state
-from cluster.storage import LocalStorage, Storage
+from cluster.storage import Storage
+from cluster.workdir import is_workdir_store
 
 log = logging.getLogger(__name__)
 
@@ -207,10 +208,7 @@ class SuiteDriver:
     def _mirror_dir(self) -> Path | None:
         """Where ``result.json`` files are mirrored for ``launcher report`` (which reads
         ``<workdir>/store``) when the storage is elsewhere, e.g. in S3."""
-        local = self.workdir / "store"
-        if isinstance(self.storage, LocalStorage) and self.storage.root == local.resolve():
-            return None
-        return local
+        return None if is_workdir_store(self.storage, self.workdir) else self.workdir / "store"
 
     def _open_state(self) -> StateBook:
         book = check_state_owner(self.storage, self.cfg, self.workdir, self.run_id)

@@ -119,6 +119,11 @@ def read_state(workdir: Path) -> dict:
         raise ConfigError(f"{storage.uri}/{STATE_KEY}: no state file yet (the suite has not started)") from None
 
 
+def is_workdir_store(storage: Storage, workdir: Path) -> bool:
+    """Whether ``storage`` is the work directory's own ``store/`` (the default storage)."""
+    return isinstance(storage, LocalStorage) and storage.root == (Path(workdir) / "store").resolve()
+
+
 def local_store(workdir: Path) -> Path:
     """``<workdir>/store`` holding every finished stage's ``result.json`` and checkpoint, which
     is what ``report``, ``infer`` and ``bench --workdir`` read. When the suite's storage is
@@ -134,7 +139,7 @@ def local_store(workdir: Path) -> Path:
         return local  # not a launcher run directory: read what is there
     cfg, _ = load_suite(workdir)
     storage = suite_storage(cfg, workdir)
-    if isinstance(storage, LocalStorage) and storage.root == local.resolve():
+    if is_workdir_store(storage, workdir):
         return local
     try:
         state = storage.read_json(STATE_KEY)
