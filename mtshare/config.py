@@ -115,6 +115,11 @@ class OptimConfig(_Strict):
         "(weight act_l1)")
     act_row: float = Field(0.0, ge=0, description="step3 weight of the row penalty (act_penalty: row), relative to "
                            "the task loss: 1.0 adds the task loss x the mean relative row delta")
+    train_row_density: float | None = Field(
+        None, gt=0, le=1, description="step3 (act_penalty: row): train through the engine's row skipping: at "
+        "each of the four linear inputs only this fraction of token rows (largest delta first) keeps its own "
+        "activation, the rest take the base's; eased in from 1 over the first half of the iterations. "
+        "null = off")
     act_l1: float = Field(0.0, ge=0, description="step3 weight c of the reference's element L1 (act_penalty: element)")
     eval_every: int = Field(100, gt=0)
     edge_thresholds: int = Field(99, gt=0, description="ODS-F thresholds for edge evaluation (99 = BSDS; fewer is faster)")
@@ -126,6 +131,8 @@ class OptimConfig(_Strict):
     def _warmup_fits(self) -> "OptimConfig":
         if self.warmup_iters >= self.iters:
             raise ValueError(f"warmup_iters ({self.warmup_iters}) must be < iters ({self.iters})")
+        if self.train_row_density is not None and self.act_penalty != "row":
+            raise ValueError("train_row_density needs act_penalty: row (the engine skips linear-input rows)")
         if self.target_weight_sparsity is not None and self.l0_lambda > 0:
             raise ValueError("l0_lambda: set either a fixed l0_lambda or target_weight_sparsity, not both")
         return self

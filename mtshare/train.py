@@ -306,7 +306,7 @@ class Trainer:
             if self.recorder is not None:
                 with torch.no_grad(), base_mode(self.deltas), self.recorder.record() as base_acts:
                     self.model.encoder(x)
-                with self.recorder.record() as sub_acts:
+                with self.recorder.record(skip=(base_acts, self.train_row_density())) as sub_acts:
                     pred = self.forward_model(x)
             else:
                 pred = self.forward_model(x)
@@ -349,6 +349,14 @@ class Trainer:
         logs.update(loss=loss.item(), task_loss=task_loss.item(), grad_norm=grad_norm,
                     lr=self.stepper.param_groups[0]["lr"])
         return logs
+
+    def train_row_density(self) -> float:
+        """Step3's row density now: ``train_row_density`` eased in linearly over the first half."""
+        target = self.spec.optim.train_row_density
+        if target is None:
+            return 1.0
+        ramp = min(1.0, self.iteration / max(1, self.spec.optim.iters // 2))
+        return 1.0 - (1.0 - target) * ramp
 
     # --- evaluation --------------------------------------------------------------------------
     @torch.no_grad()

@@ -18,7 +18,7 @@ from mtshare.engine import SharedEngine
 from mtshare.models import build_model
 from mtshare.models.delta import (
     ActivationRecorder, DeltaParam, add_deltas, base_mode, close_smallest, delta_sparsity, effective_deltas,
-    gate_sparsity, prob_nonzero,
+    gate_sparsity, prob_nonzero, skip_rows,
 )
 from mtshare.stages import plan
 from mtshare.suite import run_stage
@@ -257,6 +257,75 @@ def test_step3_row_penalty_empties_activation_rows(trained):
     thr = free.quantile(0.25)
     small = {k: (v < thr).float().mean().item() for k, v in rel.items()}
     assert small["sal/step3"] > small["sal/step3_norow"] + 0.4, (thr.item(), small)
+
+
+def test_skip_rows_keeps_the_largest_delta_rows_over_the_batch():
+    base = torch.zeros(2, 3, 2, dtype=torch.float64)
+    x = torch.tensor([[[0.1, 0.0], [0.0, -5.0], [0.2, 0.2]],
+                      [[3.0, 0.0], [0.0, 0.05], [-0.3, 1.0]]], dtype=torch.float64)
+    base = base + 7.0  # a non-zero base: skipped rows become the base's rows, not zeros
+    x = x + 7.0
+    # row max-abs deltas: 0.1 5 0.2 | 3 0.05 1 -> keep the top half (3 of 6): 5, 3, 1
+    out = skip_rows(x, base, 0.5)
+    kept = torch.tensor([[False, True, False], [True, False, True]])
+    assert torch.equal(out[kept], x[kept])
+    assert torch.equal(out[~kept], base[~kept])
+    assert torch.equal(skip_rows(x, base, 1.0), x)
+    # gradients reach the kept rows only
+    xg = x.clone().requires_grad_(True)
+    skip_rows(xg, base, 0.5).sum().backward()
+    assert torch.equal(xg.grad[..., 0] != 0, kept)
+
+
+def test_recorder_feeds_each_linear_the_skipped_input_and_records_the_true_one(trained):
+    spec = trained["specs"]["sal/step3"].model_copy(update={"prev_key": "sal/step3/model.safetensors"})
+    store = trained["store"]
+    model, deltas = build_stage_model(spec, store / "base/model.safetensors", _base_sha(trained),
+                                      store / "sal/step3/model.safetensors")
+    model.eval()
+    images = torch.randn(3, 3, 32, 32)
+    rec = ActivationRecorder(model.encoder, LINEAR_INPUTS, inputs=True)
+    seen = []
+    hooks = [blk.get_submodule(p).register_forward_pre_hook(lambda m, i: seen.append(i[0]))
+             for blk in model.encoder.blocks for p in LINEAR_INPUTS]  # registered after: sees the fed input
+    with torch.no_grad():
+        with base_mode(deltas), rec.record() as base:
+            model.encoder(images)
+        seen.clear()
+        with rec.record(skip=(base, 0.25)) as sub:
+            skipped_out = model.encoder(images)
+        fed = list(seen)
+        with rec.record() as exact:
+            exact_out = model.encoder(images)
+    for h in hooks:
+        h.remove()
+    rec.remove()
+    assert len(sub) == len(fed) == len(base) == 16
+    for s, f, b in zip(sub, fed, base):
+        assert torch.equal(f, skip_rows(s, b, 0.25))  # fed what the engine feeds at density 0.25
+        rows_base = (f == b).all(-1)  # b + δ·0 is b exactly; a kept row is b + δ (≈ s, rounded)
+        assert rows_base.float().mean().item() == pytest.approx(0.75, abs=0.02)
+        torch.testing.assert_close(f[~rows_base], s[~rows_base])
+    assert torch.equal(sub[0], exact[0])  # the first linear's input precedes any skipping
+    assert not torch.allclose(skipped_out, exact_out)
+
+
+def test_step3_train_row_density_trains_through_the_skipping(trained, tmp_path):
+    """Same start, seed and iterations as sal/step3: only the skipping differs, so the deltas must."""
+    import shutil
+    store = trained["store"]
+    for d in ("base", "sal/step2"):
+        shutil.copytree(store / d, tmp_path / d)
+    s3 = trained["specs"]["sal/step3"]
+    skip = s3.model_copy(update={"calibration": None, "optim": s3.optim.model_copy(update={"train_row_density": 0.3})})
+    run_stage(skip, tmp_path, base_sha256=_base_sha(trained))
+    a = ckpt.load_subtask(store / "sal/step3/model.safetensors", _base_sha(trained))[0]
+    b = ckpt.load_subtask(tmp_path / "sal/step3/model.safetensors", _base_sha(trained))[0]
+    assert a.keys() == b.keys()
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    raw = {"act_penalty": "element", "train_row_density": 0.5}
+    with pytest.raises(ValueError, match="train_row_density needs act_penalty: row"):
+        s3.optim.model_validate({**s3.optim.model_dump(), **raw})
 
 
 # --- 4. the operating point --------------------------------------------------------------------

@@ -197,6 +197,20 @@ def delta_sparsity(deltas: dict[str, DeltaParam]) -> float:
     return zeros / max(total, 1)
 
 
+def skip_rows(x: torch.Tensor, base: torch.Tensor, density: float) -> torch.Tensor:
+    """``x`` with all but its ``density`` fraction of token rows replaced by the base's rows: the
+    rows with the largest max-abs delta (over the whole batch, as the engine fits one τ per
+    layer) keep their own values. This is what the engine computes at that density, so a step3
+    trained through it learns the function it will serve. Gradients flow through the kept rows."""
+    delta = x - base
+    mag = delta.detach().abs().amax(dim=-1).flatten()
+    keep = max(1, int(round(density * mag.numel())))
+    if keep >= mag.numel():
+        return x
+    tau = mag.topk(keep).values[-1]
+    return base + delta * (mag >= tau).view(delta.shape[:-1] + (1,)).to(delta.dtype)
+
+
 class ActivationRecorder:
     """Hooks on the step3 activation points of every block; records, in order, their outputs
     (``inputs=False``, the reference's six points) or their inputs (``inputs=True``, the four
@@ -217,23 +231,34 @@ class ActivationRecorder:
                 else:
                     self.handles.append(m.register_forward_hook(self._hook))
         self.enabled = False
+        self.skip: tuple[list[torch.Tensor], float] | None = None
 
     def _hook(self, module, inputs, output):
         if self.enabled:
             self.outputs.append(output)
 
     def _pre_hook(self, module, inputs):
-        if self.enabled:
-            self.outputs.append(inputs[0])
+        if not self.enabled:
+            return None
+        x = inputs[0]
+        self.outputs.append(x)
+        if self.skip is None:
+            return None
+        base, density = self.skip
+        return (skip_rows(x, base[len(self.outputs) - 1], density),) + tuple(inputs[1:])
 
     @contextmanager
-    def record(self) -> Iterator[list[torch.Tensor]]:
+    def record(self, skip: tuple[list[torch.Tensor], float] | None = None) -> Iterator[list[torch.Tensor]]:
+        """Record the points' tensors. ``skip=(base_inputs, density)`` (input hooks only) also
+        feeds each linear what the engine feeds it at that row density: see :func:`skip_rows`."""
         self.outputs = []
         self.enabled = True
+        self.skip = skip if skip is not None and skip[1] < 1.0 else None
         try:
             yield self.outputs
         finally:
             self.enabled = False
+            self.skip = None
 
     def remove(self) -> None:
         for h in self.handles:
