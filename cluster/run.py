@@ -12,7 +12,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -30,11 +30,14 @@ from cluster.workdir import (
 
 
 def run_suite(cfg: SuiteConfig, workdir: Path, config_path: Any = None, overrides: list[str] | None = None,
-              address: str | None = None, progress: bool = True, executor: str = "ray") -> int:
+              address: str | None = None, progress: bool = True, executor: str = "ray",
+              parent: MlflowParent | None = None) -> int:
     """``launcher run``: the suite on local Ray (or the cluster at ``address``). 0 done, 1 failed.
     ``executor="inprocess"`` runs the same driver with every stage in this process (no Ray).
     Running again into the same workdir with the same config continues the suite (as resume).
-    Bad input raises ConfigError (or DataError) before anything is written under the workdir."""
+    ``parent``: the suite's MLflow run goes into that experiment, nested under that run (a
+    sweep's base and trials). Bad input raises ConfigError (or DataError) before anything is
+    written under the workdir."""
     workdir = Path(workdir)
     check_writable(workdir, f"--workdir {workdir}")
     storage = suite_storage(cfg, workdir)
@@ -42,7 +45,8 @@ def run_suite(cfg: SuiteConfig, workdir: Path, config_path: Any = None, override
     ds_config = suite_ds_config(cfg)
     record = lambda executor: write_suite_file(workdir, cfg, storage, config_path, overrides or [],  # noqa: E731
                                                run_id, executor.cluster_address)
-    return _drive(cfg, workdir, storage, ds_config, executor, address, progress, run_id, before_start=record)
+    return _drive(cfg, workdir, storage, ds_config, executor, address, progress, run_id, before_start=record,
+                  parent=parent)
 
 
 def resume_suite(workdir: Path, address: str | None = None, executor: str = "ray", progress: bool = True,
@@ -107,8 +111,14 @@ def _make_executor(cfg: SuiteConfig, storage: Storage, ds_config: dict, name: st
                           f"({type(e).__name__}: {first_line(e)})") from None
 
 
+class MlflowParent(NamedTuple):
+    experiment: str
+    run_id: str
+
+
 def _drive(cfg: SuiteConfig, workdir: Path, storage: Storage, ds_config: dict, executor_name: str,
-           address: str | None, progress: bool, run_id: str | None, before_start=None) -> int:
+           address: str | None, progress: bool, run_id: str | None, before_start=None,
+           parent: MlflowParent | None = None) -> int:
     """Check everything that can be checked without writing (pretrained weights, data, storage,
     state ownership, MLflow server, cluster fit), then create the workdir, take the driver lock,
     record the suite (``before_start(executor)``), start tracking and the driver."""
@@ -134,7 +144,7 @@ def _drive(cfg: SuiteConfig, workdir: Path, storage: Storage, ds_config: dict, e
     try:
         if before_start is not None:
             before_start(executor)
-        tracker = _tracker(cfg, workdir)
+        tracker = _tracker(cfg, workdir, parent.experiment if parent else None)
         # The live table only on a terminal: in a log file, under nohup or in a Ray Job's log a
         # Live display would print nothing until the end, so those get one line per transition.
         view = ProgressView(live=progress and sys.stdout.isatty())
@@ -142,8 +152,8 @@ def _drive(cfg: SuiteConfig, workdir: Path, storage: Storage, ds_config: dict, e
         view.note(f"executor: {executor.describe()}")
         config_text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
         driver = SuiteDriver(cfg, workdir, storage, executor, tracker, ds_config=ds_config, config_text=config_text,
-                             run_id=run_id,
-                             on_update=view.update)
+                             run_id=run_id, on_update=view.update,
+                             parent_run_id=parent.run_id if parent else None)
         with view, sigterm_as_interrupt():
             state = driver.run()
     finally:
@@ -157,14 +167,14 @@ def _drive(cfg: SuiteConfig, workdir: Path, storage: Storage, ds_config: dict, e
     return 0 if state["state"] == "done" else 1
 
 
-def _tracker(cfg: SuiteConfig, workdir: Path):
+def _tracker(cfg: SuiteConfig, workdir: Path, experiment: str | None = None):
     from cluster.tracking import Tracker
 
     mlflow_env()
     uri = suite_tracking_uri(cfg, workdir)
     artifacts = workdir / "mlartifacts" if cfg.tracking_uri is None else None
     try:
-        return Tracker(uri, experiment=cfg.name, artifact_root=artifacts)
+        return Tracker(uri, experiment=experiment or cfg.name, artifact_root=artifacts)
     except Exception as e:  # noqa: BLE001
         raise ConfigError(f"tracking_uri: cannot use MLflow at {uri} ({type(e).__name__}: {first_line(e)})") from None
 

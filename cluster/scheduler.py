@@ -41,6 +41,7 @@ from mtshare.stages import StageSpec, downstream, plan
 from cluster.stage_runner import CHECKPOINTS, RESULT_FILE, checkpoint_format, claim_stage, find_resume, make_job
 from cluster.state import STATE_KEY, StateBook, driver_identity, new_state
 from cluster.storage import Storage
+from cluster.tracking import PARENT_TAG
 from cluster.workdir import is_workdir_store
 
 log = logging.getLogger(__name__)
@@ -184,7 +185,7 @@ class SuiteDriver:
 
     def __init__(self, cfg: SuiteConfig, workdir: Path, storage: Storage, executor: Any, tracker: Any = None, *,
                  ds_config: dict | None = None, config_text: str = "", on_update: Callable[[dict], None] | None = None,
-                 poll_s: float = 0.3, run_id: str | None = None):
+                 poll_s: float = 0.3, run_id: str | None = None, parent_run_id: str | None = None):
         self.cfg, self.workdir, self.storage, self.executor = cfg, Path(workdir), storage, executor
         self.tracker = _SafeTracker(tracker)
         self.ds_config = ds_config
@@ -192,6 +193,7 @@ class SuiteDriver:
         self.on_update = on_update or (lambda state: None)
         self.poll_s = poll_s
         self.run_id = run_id
+        self.parent_run_id = parent_run_id  # the suite's MLflow run nests under it (a sweep's)
         self.specs = {s.name: s for s in plan(cfg)}
         self.order = list(self.specs)
         self.work = remaining_work(self.specs)
@@ -260,6 +262,8 @@ class SuiteDriver:
         state = self.book.state
         tags = {"mtshare.workdir": str(self.workdir.resolve()), "mtshare.storage": self.storage.uri,
                 "mtshare.executor": self.executor.name}
+        if self.parent_run_id:
+            tags[PARENT_TAG] = self.parent_run_id
         parent = self.tracker.start_suite(self.cfg.name, self.cfg.model_dump(mode="json"), self.config_text, tags,
                                           state.get("mlflow_run_id"))
         self.book.update(save=False, mlflow_run_id=parent,

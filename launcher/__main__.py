@@ -46,6 +46,21 @@ def _parser() -> argparse.ArgumentParser:
     sm.add_argument("--workdir")
     sm.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
+    sw = sub.add_parser("sweep", help="sparsity sweep on Ray Tune (one trial per sub-task x target); "
+                        "`sweep pick` assembles the chosen operating points into a suite")
+    sw.add_argument("config", help="suite config (YAML), or `pick`")
+    sw.add_argument("--targets", default="0.8,0.9,0.95,0.98",
+                    help="step1 target weight sparsities (default 0.8,0.9,0.95,0.98)")
+    sw.add_argument("--row-densities", help="second axis: step3 train_row_density values (1 = off), e.g. 1,0.5")
+    sw.add_argument("--tasks", help="sub-tasks to sweep (default: the config's tasks)")
+    sw.add_argument("--workdir", help="default ./runs/<suite name>; `pick`: the sweep directory")
+    sw.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    sw.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    sw.add_argument("--no-progress", action="store_true", help="plain log lines instead of the live table")
+    sw.add_argument("--tolerance", type=float, default=0.01,
+                    help="`pick`: relative metric loss allowed vs the task's reference (default 0.01)")
+    sw.add_argument("--out", help="`pick`: the suite directory to write")
+
     for verb, text in (("status", "the stage table of a suite (from its state file)"),
                        ("resume", "finish a suite: verify finished stages, re-run failed or corrupt ones"),
                        ("report", "metrics / sparsity / FLOPs / Δm table (+ plots)")):
@@ -53,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
         v.add_argument("--workdir", help="run directory (default: the only one under ./runs)")
         if verb in ("status", "report"):
             v.add_argument("--format", choices=["table", "json"], default="table")
+        if verb == "report":
+            v.add_argument("--tolerance", type=float, default=0.01,
+                           help="a sweep: relative metric loss allowed for its chosen operating points")
         if verb == "resume":
             v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                            help="fix the saved config first (not its tasks/steps); changed finished stages re-run")

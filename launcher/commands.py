@@ -20,7 +20,7 @@ NOT_BUILT = "'{verb}' is not built yet in this version of mtshare (see the READM
 def dispatch(args: argparse.Namespace) -> int:
     handler = {
         "data": cmd_data, "run": cmd_run, "status": cmd_status, "resume": cmd_resume, "report": cmd_report,
-        "submit": cmd_submit, "infer": cmd_infer, "bench": cmd_bench, "ui": cmd_ui,
+        "submit": cmd_submit, "infer": cmd_infer, "bench": cmd_bench, "ui": cmd_ui, "sweep": cmd_sweep,
     }[args.verb]
     try:
         return handler(args)
@@ -88,10 +88,46 @@ def cmd_status(args) -> int:
     return show_status(default_workdir(args.workdir), fmt=args.format)
 
 
+def cmd_sweep(args) -> int:
+    from cluster.sweep import parse_fractions, run_sweep
+
+    if not 0 < args.tolerance < 1:
+        raise UserError(f"--tolerance: must be in (0, 1), got {args.tolerance:g}")
+    if args.config == "pick":
+        from cluster.sweep_report import pick
+
+        if not args.workdir or not args.out:
+            raise UserError("sweep pick: give --workdir SWEEP_DIR and --out SUITE_DIR")
+        out = pick(_sweep_dir(Path(args.workdir)), Path(args.out), args.tolerance)
+        print(f"picked suite written to {out}; try: python -m launcher report --workdir {out}")
+        return 0
+    from mtshare.config import load_suite_config
+
+    targets = parse_fractions(args.targets, "--targets", upper_inclusive=False)
+    rows = parse_fractions(args.row_densities, "--row-densities", upper_inclusive=True) if args.row_densities else None
+    cfg = load_suite_config(args.config, args.overrides, workdir=args.workdir)
+    workdir = Path(args.workdir or Path("runs") / cfg.name)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    return run_sweep(cfg, workdir, tasks, targets, rows, address=args.address, progress=not args.no_progress,
+                     config_path=args.config, overrides=args.overrides)
+
+
+def _sweep_dir(workdir: Path) -> Path:
+    from cluster.sweep import is_sweep
+
+    if not is_sweep(workdir):
+        raise UserError(f"--workdir {workdir}: not a sweep directory (no sweep.json)")
+    return workdir
+
+
 def cmd_report(args) -> int:
     from mtshare.report import build_report, format_report, load_results
 
     workdir = default_workdir(args.workdir)
+    from cluster.sweep import is_sweep
+
+    if is_sweep(workdir):
+        return _report_sweep(workdir, args)
     store = _local_store(workdir)
     results = load_results(store)
     if not results:
@@ -102,6 +138,21 @@ def cmd_report(args) -> int:
         print(json.dumps(json_safe(report)))
     else:
         print(format_report(report))
+        print("plots: " + ", ".join(str(p) for p in plots))
+    return 0
+
+
+def _report_sweep(workdir: Path, args) -> int:
+    from cluster.sweep_report import format_sweep, sweep_report, write_sweep_plots
+
+    if not 0 < args.tolerance < 1:
+        raise UserError(f"--tolerance: must be in (0, 1), got {args.tolerance:g}")
+    report = sweep_report(workdir, args.tolerance)
+    plots = write_sweep_plots(workdir, report)
+    if args.format == "json":
+        print(json.dumps(json_safe({k: report[k] for k in ("tasks", "suite", "sweep")})))
+    else:
+        print(format_sweep(report))
         print("plots: " + ", ".join(str(p) for p in plots))
     return 0
 

@@ -216,7 +216,7 @@ class SuiteConfig(_Strict):
             raise ValueError(f"tasks: '{self.base_task}' is the base task and cannot also be a sub-task")
         if len(set(self.tasks)) != len(self.tasks):
             raise ValueError("tasks: duplicate task")
-        if not self.steps or list(self.steps) != list(STEPS[: len(self.steps)]):
+        if list(self.steps) != list(STEPS[: len(self.steps)]):  # []: the base (and references) only
             raise ValueError(f"steps: must be a prefix of {list(STEPS)} in order, got {list(self.steps)}")
         g = self.resources.gpus_per_worker
         if self.device == "cuda" and (g < 1 or g != int(g)):

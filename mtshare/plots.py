@@ -78,3 +78,39 @@ def layer_sparsity(store: str | Path, results: dict[str, dict], path: str | Path
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def pareto_plot(task: str, sweep: dict, path: str | Path) -> Path:
+    """A sweep's trials of one sub-task: metric at the operating point against executed GFLOPs
+    per image, the Pareto front as a line, the reference with its tolerance band, the chosen
+    trial circled. ``sweep``: one task's entry of ``cluster.sweep_report.sweep_report``."""
+    plt = _plt()
+    done = [t for t in sweep["trials"] if t["state"] == "done"]
+    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    for t in done:
+        x = t["flops"] / 1e9
+        ax.scatter(x, t["value"], s=36, color="tab:blue" if t["trial"] in sweep["pareto"] else "tab:gray", zorder=3)
+        ax.annotate(t["trial"].split("-", 1)[1], (x, t["value"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    front = sorted((t for t in done if t["trial"] in sweep["pareto"]), key=lambda t: t["flops"])
+    if front:
+        ax.plot([t["flops"] / 1e9 for t in front], [t["value"] for t in front], color="tab:blue", lw=1,
+                label="Pareto front")
+    ref, tol = sweep["reference"], sweep["tolerance"]
+    if ref:
+        higher = done[0]["higher_is_better"] if done else True
+        edge = ref["value"] * (1 - tol) if higher else ref["value"] * (1 + tol)
+        ax.axhline(ref["value"], color="tab:green", lw=1, label=f"reference ({ref['kind']})")
+        ax.axhspan(min(edge, ref["value"]), max(edge, ref["value"]), color="tab:green", alpha=0.12,
+                   label=f"within {tol:.1%}")
+    if sweep["chosen"]:
+        c = sweep["chosen"]
+        ax.scatter(c["flops"] / 1e9, c["value"], s=160, facecolors="none", edgecolors="tab:red", lw=1.5,
+                   zorder=4, label=f"chosen: {c['trial']}")
+    name = done[0]["metric_name"] if done else "metric"
+    arrow = "↑" if (done[0]["higher_is_better"] if done else True) else "↓"
+    ax.set_title(f"{task}: {name} ({arrow}) vs executed GFLOPs / image", fontsize=9)
+    ax.set_xlabel("GFLOPs / image (sub-task, engine at its operating point)")
+    ax.set_ylabel(f"{name} at the operating point (val)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
