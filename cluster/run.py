@@ -230,7 +230,8 @@ def _print_outcome(state: dict, workdir: Path, tracking_uri: str) -> None:
         print(f"suite {state['suite']}: FAILED — {state.get('error')}", file=sys.stderr)
         print(f"fix the cause, then: python -m launcher resume --workdir {workdir}", file=sys.stderr)
     if tracking_uri.startswith("sqlite:"):
-        print(f"MLflow: python -m launcher ui --workdir {workdir}   (then open http://127.0.0.1:5000)")
+        store_dir = Path(tracking_uri.removeprefix("sqlite:///")).parent  # a sweep's suites share its store
+        print(f"MLflow: python -m launcher ui --workdir {store_dir}   (then open http://127.0.0.1:5000)")
     else:
         print(f"MLflow: {tracking_uri}")
 

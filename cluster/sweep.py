@@ -263,7 +263,8 @@ def _run_trials(cfg: SuiteConfig, workdir: Path, trials: list[dict], parent) -> 
         trainable,
         param_space={"trial": tune.grid_search(trials), "sweep_dir": str(workdir.resolve()),
                      "parent": list(parent)},
-        tune_config=tune.TuneConfig(max_concurrent_trials=k, reuse_actors=False),
+        tune_config=tune.TuneConfig(max_concurrent_trials=k, reuse_actors=False,
+                                    trial_name_creator=_tune_trial_name, trial_dirname_creator=_tune_trial_name),
         run_config=tune.RunConfig(name=f"launch-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
                                   storage_path=str((workdir / "tune").resolve()),
                                   failure_config=tune.FailureConfig(max_failures=0), verbose=1),
@@ -275,6 +276,10 @@ def _run_trials(cfg: SuiteConfig, workdir: Path, trials: list[dict], parent) -> 
         if result.error is not None:
             failed.append(f"{name} ({_first_line(result.error)})")
     return failed
+
+
+def _tune_trial_name(trial) -> str:
+    return trial.config["trial"]["name"]
 
 
 def _first_line(e: BaseException) -> str:

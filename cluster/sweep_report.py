@@ -69,7 +69,7 @@ def pareto_front(trials: list[dict]) -> list[dict]:
 
 def within(value: float, reference: float, higher_is_better: bool, tolerance: float) -> bool:
     loss = (reference - value) if higher_is_better else (value - reference)
-    return loss <= tolerance * abs(reference)
+    return loss <= (tolerance + 1e-12) * abs(reference)  # (1e-12: 1.0 - 0.99 is 0.0100000000000000009)
 
 
 def sweep_report(workdir: Path, tolerance: float = DEFAULT_TOLERANCE) -> dict:

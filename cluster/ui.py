@@ -20,6 +20,8 @@ def serve_ui(workdir: Path, host: str = "127.0.0.1", port: int = 5000) -> int:
     uri = None
     if (workdir / SUITE_FILE).exists():
         uri = json.loads((workdir / SUITE_FILE).read_text()).get("tracking_uri")
+    elif (workdir / "sweep.json").exists():  # a sweep: its suites log to the sweep's store
+        uri = json.loads((workdir / "sweep.json").read_text())["config"].get("tracking_uri")
     if uri and not uri.startswith("sqlite:"):  # (null: the embedded store below)
         print(f"this suite logs to an MLflow server: open {uri}")
         return 0

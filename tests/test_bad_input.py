@@ -253,7 +253,31 @@ def workdir_not_writable(ctx):
     return ctx.run(ctx.config()), f"--workdir {ctx.workdir}: not writable ({blocker} is not a directory)"
 
 
+def sweep_target_out_of_range(ctx):
+    cfg = ctx.config()
+    return ["sweep", cfg, "--workdir", str(ctx.workdir), "--targets", "0.5,1.2"], "--targets: 1.2 is outside (0, 1)"
+
+
+def sweep_unknown_task(ctx):
+    cfg = ctx.config()
+    return ["sweep", cfg, "--workdir", str(ctx.workdir), "--tasks", "sal,depth"], "--tasks: depth not among"
+
+
+def sweep_without_step1(ctx):
+    return ["sweep", ctx.config({"steps": []}), "--workdir", str(ctx.workdir)], "steps: a sweep varies step1"
+
+
+def sweep_pick_not_a_sweep(ctx):
+    ctx.pre_existing_workdir()
+    return (["sweep", "pick", "--workdir", str(ctx.workdir), "--out", str(ctx.workdir / "picked")],
+            "not a sweep directory (no sweep.json)")
+
+
 CASES = {
+    "sweep-target-out-of-range": sweep_target_out_of_range,
+    "sweep-unknown-task": sweep_unknown_task,
+    "sweep-without-step1": sweep_without_step1,
+    "sweep-pick-not-a-sweep": sweep_pick_not_a_sweep,
     "unknown-task": unknown_task,
     "subtask-is-base": subtask_is_base,
     "empty-task-list": empty_tasks,

@@ -27,3 +27,34 @@ if os.environ.get("MTSHARE_STORAGE_FAULTS"):
             return spec
 
     sys.meta_path.insert(0, _AfterImport())
+
+if os.environ.get("MTSHARE_FAIL_STAGE"):
+    # "<suite>:<stage>": that stage of that suite raises StageFailure on its first training step
+    # (a sweep test fails one trial on purpose; a config knob would fail every trial of a task).
+    import importlib.abc
+    import importlib.util
+
+    class _FailStage(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name != "mtshare.train":
+                return None
+            sys.meta_path.remove(self)
+            spec = importlib.util.find_spec(name)
+            run = spec.loader.exec_module
+
+            def exec_module(module):
+                run(module)
+                suite, stage = os.environ["MTSHARE_FAIL_STAGE"].split(":", 1)
+                step = module.Trainer.train_step
+
+                def train_step(self, batch):
+                    if self.spec.suite == suite and self.spec.name == stage:
+                        raise module.StageFailure(f"{stage}: injected failure (MTSHARE_FAIL_STAGE)")
+                    return step(self, batch)
+
+                module.Trainer.train_step = train_step
+
+            spec.loader.exec_module = exec_module
+            return spec
+
+    sys.meta_path.insert(0, _FailStage())
