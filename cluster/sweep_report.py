@@ -55,6 +55,26 @@ def trial_figures(trial_dir: Path, trial: dict) -> dict:
     return out
 
 
+def sweep_status(workdir: Path) -> dict:
+    """Per trial: its suite's state and how many of its steps are done (``status`` of a sweep)."""
+    workdir = Path(workdir)
+    cfg, meta = load_sweep(workdir)
+    out = []
+    for t in sweep_trials(meta["tasks"], meta["targets"], meta["row_densities"]):
+        trial_dir = workdir / "trials" / t["name"]
+        entry = {"trial": t["name"], "state": None, "steps_done": 0, "steps": len(cfg.steps), "error": None}
+        if (trial_dir / SUITE_FILE).exists():
+            try:
+                state = read_state(trial_dir)
+            except ConfigError:
+                state = None
+            if state:
+                entry.update(state=state.get("state"), error=state.get("error"),
+                             steps_done=sum(s["status"] == "done" for s in state["stages"] if s["name"] != "base"))
+        out.append(entry)
+    return {"sweep": cfg.name, "trials": out}
+
+
 def pareto_front(trials: list[dict]) -> list[dict]:
     """The finished trials no other one dominates (cheaper-or-equal FLOPs and better-or-equal
     metric, strictly in one), cheapest first."""

@@ -76,6 +76,18 @@ def cmd_run(args) -> int:
 
 def cmd_resume(args) -> int:
     workdir = default_workdir(args.workdir)
+    from cluster.sweep import is_sweep
+
+    if is_sweep(workdir):  # the same sweep again: finished trials kept, the rest run
+        from cluster.sweep import load_sweep, run_sweep
+
+        if args.overrides or args.executor != "ray":
+            raise UserError("resume of a sweep takes no --set or --executor: run `launcher sweep` with the changed "
+                            "config into another --workdir")
+        cfg, meta = load_sweep(workdir)
+        return run_sweep(cfg, workdir, meta["tasks"], meta["targets"], meta["row_densities"], address=args.address,
+                         progress=not args.no_progress, config_path=meta.get("config_path"),
+                         overrides=meta.get("overrides"))
     from cluster.run import resume_suite
 
     return resume_suite(workdir, address=args.address, executor=args.executor, progress=not args.no_progress,
@@ -84,8 +96,21 @@ def cmd_resume(args) -> int:
 
 def cmd_status(args) -> int:
     from cluster.progress import show_status
+    from cluster.sweep import is_sweep
 
-    return show_status(default_workdir(args.workdir), fmt=args.format)
+    workdir = default_workdir(args.workdir)
+    if is_sweep(workdir):
+        from cluster.sweep_report import sweep_status
+
+        status = sweep_status(workdir)
+        if args.format == "json":
+            print(json.dumps(status))
+        else:
+            for t in status["trials"]:
+                print(f"{t['trial']:24s} {t['state'] or 'pending':8s} {t['steps_done']}/{t['steps']} steps"
+                      + (f"  {t['error']}" if t.get("error") else ""))
+        return 0
+    return show_status(workdir, fmt=args.format)
 
 
 def cmd_sweep(args) -> int:

@@ -111,6 +111,7 @@ def pareto_plot(task: str, sweep: dict, path: str | Path) -> Path:
     ax.set_title(f"{task}: {name} ({arrow}) vs executed GFLOPs / image", fontsize=9)
     ax.set_xlabel("GFLOPs / image (sub-task, engine at its operating point)")
     ax.set_ylabel(f"{name} at the operating point (val)")
+    ax.xaxis.set_major_locator(plt.MaxNLocator(5))
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     return _save(fig, path)

@@ -1,8 +1,8 @@
 """Sparsity sweeps: the Pareto front and the choice by hand, then ``launcher sweep`` end to end
 with real Ray Tune (two trials at once), Ray Train + DeepSpeed and MLflow: one trial fails on
-purpose (``tests/harness``), the other finishes; the same command resumes the failed one and
-keeps the finished one; ``report`` shows the front; ``sweep pick`` assembles a suite that
-``report`` and ``infer`` accept."""
+purpose (``tests/harness``), the other finishes; ``resume`` (the same sweep again) continues
+the failed one and keeps the finished one; ``report`` shows the front; ``sweep pick`` assembles a suite that
+``report``, ``infer`` and ``bench --workdir`` accept."""
 from __future__ import annotations
 
 import json
@@ -77,9 +77,13 @@ def test_sweep_end_to_end(tiny_suite, tmp_path):
     base = _stage(json.loads((wd / "base/store/state.json").read_text()), "base")["checksum"]
     assert _stage(ok, "base")["checksum"] == _stage(bad, "base")["checksum"] == base
 
+    status = _launcher("status", "--workdir", str(wd), "--format", "json", env=env)
+    assert [(t["trial"], t["state"], t["steps_done"]) for t in json.loads(status.stdout)["trials"]] == \
+        [("sal-w0.5", "done", 3), ("sal-w0.9", "failed", 1)]
+
     kept = {n: _stage(ok, n)["ended"] for n in ("sal/step1", "sal/step3")}
     bad_step1 = _stage(bad, "sal/step1")["ended"]
-    second = _launcher(*argv, env=env)
+    second = _launcher("resume", "--workdir", str(wd), "--no-progress", env=env)  # = the same sweep command
     out = second.stdout + second.stderr
     assert second.returncode == 0, out[-3000:]
     ok, bad = _state(wd / "trials/sal-w0.5"), _state(wd / "trials/sal-w0.9")
@@ -124,3 +128,6 @@ def test_sweep_end_to_end(tiny_suite, tmp_path):
     inf = _launcher("infer", "--workdir", str(picked), "--images", str(image), "--out", str(tmp_path / "inf"), env=env)
     assert inf.returncode == 0, inf.stderr[-2000:]
     assert (tmp_path / "inf" / image.stem / "panel.png").is_file()
+    bench = _launcher("bench", "--workdir", str(picked), "--batch", "2", "--format", "json", env=env)
+    assert bench.returncode == 0, bench.stderr[-2000:]
+    assert "sal" in json.dumps(json.loads(bench.stdout))
