@@ -162,8 +162,7 @@ def run_sweep(cfg: SuiteConfig, workdir: Path, tasks: list[str] | None, targets:
     meta = _sweep_meta(cfg, workdir, tasks, targets, rows, config_path, overrides or [])
     base_cfg = base_config(cfg, workdir, tasks)
     trials = sweep_trials(tasks, targets, rows)
-    for t in trials[:1]:
-        trial_config(cfg, workdir, t)  # bad overrides fail here, before anything runs
+    trial_config(cfg, workdir, trials[0])  # bad overrides fail here, before anything runs
 
     from cluster.run import MlflowParent, _tracker, ray_auth_env, run_suite
     from cluster.scheduler import DriverLock
@@ -233,16 +232,20 @@ def _log_sweep_params(tracker, run_id: str, meta: dict) -> None:
                                      "sweep.row_densities": ",".join(f"{r:g}" for r in meta["row_densities"])})
 
 
-def concurrent_trials(cfg: SuiteConfig) -> int:
-    """How many trial pipelines the cluster holds at once: its free capacity over one pipeline's
-    workers (at least 1; Ray's placement has the last word)."""
+def concurrent_trials(cfg: SuiteConfig, tasks: list[str]) -> int:
+    """How many trial pipelines the cluster holds at once: its capacity over the workers of the
+    most demanding swept task's pipeline (``resources.task_resources`` may differ per task; at
+    least 1; Ray's placement has the last word)."""
     import ray
 
     from cluster.executors import worker_resources
 
     total = ray.cluster_resources()
-    need = {k: v * cfg.resources.workers for k, v in worker_resources(cfg, cfg.tasks[0]).items() if v > 0}
-    return max(1, int(min(total.get(k, 0.0) / v for k, v in need.items()) + 1e-9))
+    fits = []
+    for task in tasks:
+        need = {k: v * cfg.resources.workers for k, v in worker_resources(cfg, task).items() if v > 0}
+        fits.append(int(min(total.get(k, 0.0) / v for k, v in need.items()) + 1e-9))
+    return max(1, min(fits))
 
 
 def _run_trials(cfg: SuiteConfig, workdir: Path, trials: list[dict], parent) -> list[str]:
@@ -252,8 +255,10 @@ def _run_trials(cfg: SuiteConfig, workdir: Path, trials: list[dict], parent) -> 
     import ray
     from ray import tune
 
+    from cluster.executors import short_error
+
     os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"  # trials read the sweep directory by its path
-    k = concurrent_trials(cfg)
+    k = concurrent_trials(cfg, sorted({t["task"] for t in trials}))
     print(f"sweep: {len(trials)} trials, up to {k} at once", flush=True)
     # The trial driver holds no CPU (its stages' workers do) and runs on this node, where the
     # sweep directory and its MLflow store are.
@@ -274,18 +279,12 @@ def _run_trials(cfg: SuiteConfig, workdir: Path, trials: list[dict], parent) -> 
     for result in grid:
         name = result.config["trial"]["name"]
         if result.error is not None:
-            failed.append(f"{name} ({_first_line(result.error)})")
+            failed.append(f"{name} ({short_error(result.error)})")
     return failed
 
 
 def _tune_trial_name(trial) -> str:
     return trial.config["trial"]["name"]
-
-
-def _first_line(e: BaseException) -> str:
-    from cluster.executors import short_error
-
-    return short_error(e)
 
 
 def run_trial(config: dict) -> None:

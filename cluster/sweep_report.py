@@ -27,15 +27,22 @@ from cluster.workdir import SUITE_FILE, local_store, read_state
 DEFAULT_TOLERANCE = 0.01
 
 
+def _trial_state(trial_dir: Path) -> dict | None:
+    """A trial suite's state file, or None when the trial has not started."""
+    if not (trial_dir / SUITE_FILE).exists():
+        return None
+    try:
+        return read_state(trial_dir)
+    except ConfigError:
+        return None
+
+
 def trial_figures(trial_dir: Path, trial: dict) -> dict:
     """A trial's state and, when it finished, its served figures."""
     out = {"trial": trial["name"], "task": trial["task"], "target": trial["target"],
            "row_density": trial["row_density"], "state": "pending", "error": None}
-    if not (trial_dir / SUITE_FILE).exists():
-        return out
-    try:
-        state = read_state(trial_dir)
-    except ConfigError:
+    state = _trial_state(trial_dir)
+    if state is None:
         return out
     out.update(state=state.get("state"), error=state.get("error"))
     if out["state"] != "done":
@@ -63,14 +70,10 @@ def sweep_status(workdir: Path) -> dict:
     for t in sweep_trials(meta["tasks"], meta["targets"], meta["row_densities"]):
         trial_dir = workdir / "trials" / t["name"]
         entry = {"trial": t["name"], "state": None, "steps_done": 0, "steps": len(cfg.steps), "error": None}
-        if (trial_dir / SUITE_FILE).exists():
-            try:
-                state = read_state(trial_dir)
-            except ConfigError:
-                state = None
-            if state:
-                entry.update(state=state.get("state"), error=state.get("error"),
-                             steps_done=sum(s["status"] == "done" for s in state["stages"] if s["name"] != "base"))
+        state = _trial_state(trial_dir)
+        if state:
+            entry.update(state=state.get("state"), error=state.get("error"),
+                         steps_done=sum(s["status"] == "done" for s in state["stages"] if s["name"] != "base"))
         out.append(entry)
     return {"sweep": cfg.name, "trials": out}
 
