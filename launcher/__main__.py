@@ -26,6 +26,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=32, help="number of images (default 32)")
     s.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--sequences", type=int, help="write this many frame sequences (video) instead of still images")
+    s.add_argument("--frames", type=int, default=16, help="frames per sequence (default 16)")
+    s.add_argument("--camera", choices=["moving", "static"], default="moving",
+                   help="sequences: camera motion (objects move either way; default moving)")
     c = dsub.add_parser("check", help="verify a dataset layout: splits, files, label ranges")
     c.add_argument("--dataset", required=True, choices=["pascal_context", "nyud"])
     c.add_argument("--root", required=True)

@@ -35,8 +35,14 @@ def dispatch(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args) -> int:
-    from mtshare.data import check_dataset, synthesize
+    from mtshare.data import check_dataset, synthesize, synthesize_sequences
 
+    if args.data_verb == "synth" and args.sequences is not None:
+        out = synthesize_sequences(args.layout, args.out, sequences=args.sequences, frames=args.frames,
+                                   size=args.size, seed=args.seed, camera=args.camera)
+        print(f"wrote {args.sequences} synthetic {args.layout} sequences of {args.frames} frames "
+              f"({args.size}x{args.size}, {args.camera} camera) to {out}")
+        return 0
     if args.data_verb == "synth":
         if args.n < 2 or args.size < 16:
             raise UserError("data synth: need --n >= 2 and --size >= 16")

@@ -5,6 +5,9 @@ Public API (other modules rely on these names)::
 
     build_dataset(dataset, root, split, tasks, train, img_size) -> torch Dataset
     synthesize(layout, out, n=32, size=64, seed=0) -> Path
+    synthesize_sequences(layout, out, sequences=4, frames=16, size=64, seed=0, camera="moving") -> Path
+    sequences(ids) -> {sequence: [frame ids in order]}      (frame ids are "<sequence>/<frame>")
+    ClipDataset(dataset, clip_len) -> consecutive frames of one sequence, augmented alike
     check_dataset(dataset, root) -> str
     DATASETS: dict[str, DatasetInfo]
     DataError
@@ -96,7 +99,8 @@ def read_mat(path: Path, var: str) -> np.ndarray:
 # Imported after DataError, DatasetInfo and the readers exist: the submodules use them.
 from mtshare.data import nyud, pascal_context  # noqa: E402
 from mtshare.data.check import check_dataset  # noqa: E402
-from mtshare.data.synthetic import synthesize  # noqa: E402
+from mtshare.data.synthetic import synthesize, synthesize_sequences  # noqa: E402
+from mtshare.data.clips import ClipDataset, sequences  # noqa: E402
 
 DATASETS: dict[str, DatasetInfo] = {
     pascal_context.INFO.name: pascal_context.INFO,
@@ -150,4 +154,7 @@ __all__ = [
     "read_mat",
     "read_npy",
     "synthesize",
+    "synthesize_sequences",
+    "sequences",
+    "ClipDataset",
 ]

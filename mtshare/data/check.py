@@ -1,7 +1,8 @@
 """Verify a dataset root against its real on-disk layout.
 
 Two passes per dataset:
-1. existence: both split files, and every file of every listed id (PASCAL's
+1. existence: both split files, and every file of every listed id (frame ids
+   ``<sequence>/<frame>`` group into sequences, none in both splits; PASCAL's
    human_parts/<id>.mat included: the release has one for every image, persons or not, so a
    missing one is a broken download);
 2. contents: decode images and labels and check shapes and value ranges, for at most
@@ -19,6 +20,7 @@ import numpy as np
 
 from mtshare.data import DataError, nyud, read_ids, read_image, read_npy
 from mtshare.data import pascal_context as pc
+from mtshare.data.clips import sequences
 
 SPLITS = ("train", "val")
 
@@ -42,6 +44,12 @@ def check_dataset(dataset: str, root: str | Path, max_decode: int = 200) -> str:
     notes = [decode(module.paths(root, im_id)) for im_id in decoded]
     total = sum(len(ids) for ids in splits.values())
     counts = ", ".join(f"{split} {len(ids)}" for split, ids in splits.items())
+    seqs = {split: sequences(ids) for split, ids in splits.items()}
+    if any(seqs.values()):
+        counts += "; frame sequences: " + ", ".join(f"{split} {len(s)}" for split, s in seqs.items())
+        both = sorted(set(seqs["train"]) & set(seqs["val"]))
+        if both:
+            raise DataError(f"{module.split_path(root, 'val')}: sequence {both[0]} is in both train and val")
     if dataset == "pascal_context":
         of = "" if len(decoded) == total else f" of {len(decoded)} decoded ids"
         counts += f"; {sum(notes)}{of} with human parts"

@@ -17,6 +17,11 @@ axis, metres) and exact normals; colours are Lambert-shaded with mild noise.
 Normals use x right, y up, z towards the camera. Saliency = objects and persons;
 edges = thinned semantic boundaries of the label map (as the loaders derive them).
 
+Sequences (video): the same scene rendered frame after frame while the camera moves
+(sideways and slowly forwards; or not at all: ``camera="static"``) and every object and
+person moves sideways at its own speed. Each frame is ray-cast anew, so labels, depth and
+normals follow the motion exactly; the sensor noise is fresh in every frame.
+
 Everything is a pure function of ``seed``: the same call writes byte-identical
 files (.mat headers carry a fixed text instead of the time of writing).
 """
@@ -131,10 +136,30 @@ def _cylinder(rays: np.ndarray, x: float, z: float, radius: float, y0: float, y1
     return t, normal
 
 
+@dataclass(frozen=True)
+class Motion:
+    """Where one frame of a sequence is in time.
+
+    ``camera``: the camera's velocity (x, z) in metres per frame; ``seed``: seeds the objects'
+    velocities (drawn in instance order, so the same for every frame of the sequence) and,
+    with ``frame``, the frame's own sensor noise."""
+
+    frame: int
+    camera: tuple[float, float]
+    seed: tuple[int, ...]
+
+
+OBJECT_SPEED = (0.02, 0.06)  # metres per frame, sideways, either direction
+
+
 class _Scene:
     """Z-buffered render target: depth, kind, normal, albedo, part and instance maps."""
 
-    def __init__(self, size: int, rng: np.random.Generator):
+    def __init__(self, size: int, rng: np.random.Generator, motion: Motion | None = None):
+        self.motion = motion
+        self.cam = (0.0, 0.0) if motion is None else (motion.camera[0] * motion.frame, motion.camera[1] * motion.frame)
+        self._velocity_rng = None if motion is None else np.random.default_rng([*motion.seed, 0])
+        self.velocity: list[float] = []  # sideways speed of each instance
         self.size = size
         self.focal = 0.9 * size
         self.horizon = size * rng.uniform(0.3, 0.45)
@@ -167,7 +192,15 @@ class _Scene:
 
     def new_instance(self, kind: int) -> int:
         self.instances.append(kind)
+        if self._velocity_rng is not None:
+            self.velocity.append(self._velocity_rng.uniform(*OBJECT_SPEED) * self._velocity_rng.choice((-1, 1)))
         return len(self.instances) - 1
+
+    def place(self, inst: int, x: float, z: float) -> tuple[float, float]:
+        """An instance's world position (x, z) at frame 0 -> camera coordinates at this frame."""
+        if self.motion is None:
+            return x, z
+        return x + self.velocity[inst] * self.motion.frame - self.cam[0], z - self.cam[1]
 
     def visible_x(self, z: float, margin: float = 0.8) -> float:
         """Half-width (metres) of the view at depth z, shrunk by ``margin``."""
@@ -183,9 +216,11 @@ def _draw_room(scene: _Scene, wall_depth: float | None, rng) -> None:
     with np.errstate(divide="ignore"):
         t = np.where(scene.rays[..., 1] < 0, ground / scene.rays[..., 1], np.inf)
     if wall_depth is not None:
+        wall_depth -= scene.cam[1]
         t = np.where(t < wall_depth, t, np.inf)
     p = scene.hits(t)
-    checker = (np.floor(p[..., 0] / 0.5) + np.floor(p[..., 2] / 0.5)) % 2
+    wx, wz = p[..., 0] + scene.cam[0], p[..., 2] + scene.cam[1]  # world coordinates: the floor stays put
+    checker = (np.floor(wx / 0.5) + np.floor(wz / 0.5)) % 2
     floor_rgb = _colour(KINDS[FLOOR].colour, rng.normal(0, 6, 3))
     albedo = floor_rgb * (1 - 0.2 * checker)[..., None]
     scene.draw(t, np.broadcast_to([0.0, 1.0, 0.0], p.shape), FLOOR, albedo)
@@ -194,7 +229,7 @@ def _draw_room(scene: _Scene, wall_depth: float | None, rng) -> None:
     t = np.full(t.shape, wall_depth)
     p = scene.hits(t)
     row = np.floor((p[..., 1] - ground) / 0.25)
-    col = (p[..., 0] + 0.25 * (row % 2)) / 0.5
+    col = (p[..., 0] + scene.cam[0] + 0.25 * (row % 2)) / 0.5
     mortar = ((p[..., 1] - ground) % 0.25 < 0.03) | (col % 1 < 0.06)
     albedo = _colour(KINDS[WALL].colour, rng.normal(0, 6, 3)) * (1 - 0.15 * mortar)[..., None]
     scene.draw(t, np.broadcast_to([0.0, 0.0, -1.0], p.shape), WALL, albedo)
@@ -205,6 +240,7 @@ def _draw_object(scene: _Scene, kind: int, far: float, rng) -> None:
     z = rng.uniform(2.2, far)
     x = rng.uniform(-1, 1) * scene.visible_x(z)
     inst = scene.new_instance(kind)
+    x, z = scene.place(inst, x, z)
     colour = _colour(KINDS[kind].colour, rng.normal(0, 6, 3))
     if kind in (RED_BOX, BLUE_BOX):
         w, h, d = rng.uniform(0.5, 1.2), rng.uniform(0.4, 1.1), rng.uniform(0.4, 1.0)
@@ -222,6 +258,7 @@ def _draw_person(scene: _Scene, rng) -> None:
     x = rng.uniform(-1, 1) * scene.visible_x(z, 0.7)
     s = rng.uniform(1.6, 1.85) / 1.75  # body scale
     inst = scene.new_instance(PERSON)
+    x, z = scene.place(inst, x, z)
     jitter = rng.normal(0, 6, 3)
     arm_out = 0.29 + rng.uniform(0, 0.05)
 
@@ -260,14 +297,16 @@ def _draw_clutter(scene: _Scene, wall_depth: float, rng) -> None:
     ground = -scene.cam_height
     x, y = rng.uniform(-1, 1) * scene.visible_x(wall_depth, 0.6), rng.uniform(1.0, 2.0)
     w, h = rng.uniform(0.4, 1.0), rng.uniform(0.3, 0.8)
+    x, wall_depth = x - scene.cam[0], wall_depth - scene.cam[1]  # fixed to the wall
     lo = [x - w / 2, ground + y, wall_depth - 0.05]
     hi = [x + w / 2, ground + y + h, wall_depth - 0.01]
     scene.draw(*_box(scene.rays, lo, hi), CLUTTER, rng.uniform(30, 230, 3))
 
 
-def render(size: int, rng: np.random.Generator, layout: str, persons: int) -> _Scene:
-    """Render one scene; returns the z-buffered scene with the final colours in ``rgb``."""
-    scene = _Scene(size, rng)
+def render(size: int, rng: np.random.Generator, layout: str, persons: int, motion: Motion | None = None) -> _Scene:
+    """Render one scene (at ``motion``'s frame: re-seed ``rng`` identically for every frame of a
+    sequence); returns the z-buffered scene with the final colours in ``rgb``."""
+    scene = _Scene(size, rng, motion)
     outdoor = layout == "pascal_context" and rng.random() < 0.4
     wall_depth = None if outdoor else rng.uniform(5.0, 8.0)
     _draw_room(scene, wall_depth, rng)
@@ -282,7 +321,8 @@ def render(size: int, rng: np.random.Generator, layout: str, persons: int) -> _S
     sky_gradient = 1.0 - 0.3 * np.linspace(0, 1, size)[:, None]  # brighter at the top
     shade = np.where(scene.kind == SKY, sky_gradient, shade)
     light = rng.uniform(0.85, 1.1)
-    rgb = scene.albedo * shade[..., None] * light + rng.normal(0, 5, scene.albedo.shape)
+    noise_rng = rng if motion is None else np.random.default_rng([*motion.seed, 1, motion.frame])
+    rgb = scene.albedo * shade[..., None] * light + noise_rng.normal(0, 5, scene.albedo.shape)
     scene.rgb = np.clip(rgb, 0, 255).round().astype(np.uint8)
     return scene
 
@@ -424,4 +464,53 @@ def synthesize(layout: str, out: str | Path, n: int = 32, size: int = 64, seed: 
     for split, in_split in (("train", ~val), ("val", val)):
         listed = [im_id for im_id, keep in zip(ids, in_split) if keep]
         (split_dir / f"{split}.txt").write_text("".join(f"{i}\n" for i in listed))
+    return root
+
+
+CAMERAS = ("moving", "static")
+
+
+def synthesize_sequences(layout: str, out: str | Path, sequences: int = 4, frames: int = 16, size: int = 64,
+                         seed: int = 0, camera: str = "moving") -> Path:
+    """Write ``sequences`` synthetic frame sequences of ``frames`` frames each in ``layout``'s
+    layout, every frame labelled. A frame's id is ``<sequence>/<frame>`` (``seq0003/000012``), so
+    every folder of the layout holds one folder of numbered frames per sequence, and the split
+    files list frame ids, in order (docs: README "Data preparation" → frame sequences).
+
+    The camera moves sideways and slowly forwards (``camera="moving"``) or stands still
+    (``"static"``); objects and persons move sideways. About 25% of the sequences go to val.
+    """
+    if layout not in LAYOUTS:
+        raise DataError(f"layout: unknown layout {layout!r} (known: {', '.join(LAYOUTS)})")
+    if sequences < 2:
+        raise DataError(f"sequences: need at least 2 sequences (one per split), got {sequences}")
+    if frames < 2:
+        raise DataError(f"frames: need at least 2 frames per sequence, got {frames}")
+    if size < 16:
+        raise DataError(f"size: need at least 16 pixels, got {size}")
+    if camera not in CAMERAS:
+        raise DataError(f"camera: unknown camera motion {camera!r} (known: {', '.join(CAMERAS)})")
+    root = Path(out)
+    val, persons = _plan(sequences, np.random.default_rng([seed, 0, sequences, frames]))
+    write = _write_pascal if layout == "pascal_context" else _write_nyud
+    listed: dict[bool, list[str]] = {False: [], True: []}
+    for s in range(sequences):
+        name = f"seq{s + 1:04d}"
+        for sub in _DIRS[layout]:
+            (root / sub / name).mkdir(parents=True, exist_ok=True)
+        motion_rng = np.random.default_rng([seed, 2, s])
+        if camera == "static":
+            velocity = (0.0, 0.0)
+        else:  # sideways, and forwards by at most 1 m over the sequence (objects stay in front)
+            velocity = (motion_rng.uniform(0.02, 0.05) * motion_rng.choice((-1, 1)), motion_rng.uniform(0, 1.0 / frames))
+        for f in range(frames):
+            motion = Motion(frame=f, camera=velocity, seed=(seed, 3, s))
+            scene = render(size, np.random.default_rng([seed, 1, s]), layout, int(persons[s]), motion)
+            im_id = f"{name}/{f:06d}"
+            write(root, im_id, scene)
+            listed[bool(val[s])].append(im_id)
+    split_dir = root / ("ImageSets/Context" if layout == "pascal_context" else "gt_sets")
+    split_dir.mkdir(parents=True, exist_ok=True)
+    for split, in_val in (("train", False), ("val", True)):
+        (split_dir / f"{split}.txt").write_text("".join(f"{i}\n" for i in listed[in_val]))
     return root

@@ -173,10 +173,11 @@ def to_tensors(sample: dict) -> dict[str, torch.Tensor]:
     return out
 
 
-def prepare(sample: dict, sample_id: str, train: bool, size: int) -> dict:
-    """Transform a raw sample and convert it to a dataset item."""
+def prepare(sample: dict, sample_id: str, train: bool, size: int, rng: np.random.Generator | None = None) -> dict:
+    """Transform a raw sample and convert it to a dataset item (``rng``: the augmentation's
+    random draws; default a fresh one from the torch RNG)."""
     h, w = sample["image"].shape[:2]
-    sample = train_transform(sample, size, make_rng()) if train else val_transform(sample, size)
+    sample = train_transform(sample, size, rng or make_rng()) if train else val_transform(sample, size)
     item = to_tensors(sample)
     item["id"] = sample_id
     item["orig_size"] = torch.tensor([h, w], dtype=torch.int64)
