@@ -64,7 +64,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mtshare import checkpoint as ckpt
 from mtshare.models import DenseTaskModel
-from mtshare.models.heads import DenseHead, UNSHUFFLE
+from mtshare.models.heads import DenseHead
 from mtshare.models.vit import FLAVORS, ViTConfig, ViTEncoder, _sincos_pos_embed, vit_config
 
 __all__ = ["SharedEngine", "SparsePolicy", "CSRMatrix", "TaskStats", "calibrate", "LINEARS"]
@@ -267,6 +267,8 @@ class SharedEngine(nn.Module):
         self.collect_stats = collect_stats  # count FLOPs / densities (extra reductions and host syncs): reports
         self.last_stats: dict[str, TaskStats] = {}
         self.thresholds: dict[str, dict[str, float]] = {t: {} for t in subtasks}
+        # video streams: temporal τ by task (base included), then by layer (mtshare.stream)
+        self.temporal_thresholds: dict[str, dict[str, float]] = {}
         self._fit_density: dict[str, float | dict[str, float]] | None = None
         self._head_flops: dict[tuple, float] = {}
         self._wt_cache: dict[str, torch.Tensor] = {}
@@ -382,6 +384,13 @@ class SharedEngine(nn.Module):
             raise ValueError(f"unknown linear paths {unknown[:4]}")
         self.thresholds[task] = {k: float(v) for k, v in thresholds.items()}
 
+    def stream(self, keyframe_every: int = 8, split_layer: int | None = None, **kwargs):
+        """A stateful video stream over this engine: ``push(frame) -> {task: output}``, sharing
+        computation across frames as well as tasks (``mtshare.stream.VideoStream``)."""
+        from mtshare.stream import VideoStream
+
+        return VideoStream(self, keyframe_every=keyframe_every, split_layer=split_layer, **kwargs)
+
     @torch.no_grad()
     def dense_model(self, task: str) -> DenseTaskModel:
         """The task as a plain dense model (encoder weights ``W_b + M ⊙ δ``): the reference the
@@ -414,24 +423,45 @@ class SharedEngine(nn.Module):
 
     @torch.inference_mode()
     def forward(self, images: torch.Tensor, tasks: list[str] | None = None) -> dict[str, torch.Tensor]:
+        tasks, subs, x = self._inputs(images, tasks)
+        stats = {t: TaskStats() for t in tasks} if self.collect_stats else {}
+        self._stats, self._batch = stats, x.shape[0]
+        hb, hs = self._embed(x, subs)
+        for i in range(self.cfg.depth):
+            hb, hs = self._block(i, hb, hs, subs)
+        if self.base_task in stats:
+            n_tok = hb.shape[1]
+            stats[self.base_task].executed_flops += self._dense_linear_flops(n_tok)  # the base runs densely
+            stats[self.base_task].theoretical_flops += self._dense_linear_flops(n_tok)
+        return self._outputs(tasks, {self.base_task: hb, **hs}, x.shape[-2:])
+
+    def _inputs(self, images: torch.Tensor, tasks: list[str] | None) -> tuple[list[str], list[_SubTask], torch.Tensor]:
         tasks = list(tasks) if tasks is not None else self.tasks
         unknown = [t for t in tasks if t not in self.heads]
         if unknown:
             raise ValueError(f"unknown tasks {unknown} (engine has {self.tasks})")
-        subs = [self.subtasks[t] for t in tasks if t != self.base_task]
         x = images.to(self.device, self.dtype)
+        p = self.cfg.patch_size
+        if x.shape[-2] % p or x.shape[-1] % p:
+            raise ValueError(f"input size {tuple(x.shape[-2:])} is not divisible by the patch size {p}")
+        return tasks, [self.subtasks[t] for t in tasks if t != self.base_task], x
+
+    def _embed(self, x: torch.Tensor, subs: list[_SubTask], hb: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Patch embedding + global token + position embedding for the base and every sub-task:
+        the same image for every task, so only the delta weights cost (``x_s = x_b``). ``hb``:
+        the base's patch embedding [B, L, D] when the caller has it (a video stream)."""
         b, _, H, W = x.shape
         p = self.cfg.patch_size
-        if H % p or W % p:
-            raise ValueError(f"input size {(H, W)} is not divisible by the patch size {p}")
         h, w = H // p, W // p
-        stats = {t: TaskStats() for t in tasks} if self.collect_stats else {}
-        self._stats, self._batch = stats, b
-
-        # Patch embedding: same image for every task, so only the delta weights cost (x_s = x_b).
-        hb = F.conv2d(x, self.base[f"{PATCH}.weight"], self.base[f"{PATCH}.bias"], stride=p)
-        hb = hb.flatten(2).transpose(1, 2)  # [B, L, D]
-        pe_flops = 2.0 * h * w * self.base[f"{PATCH}.weight"].numel()
+        stats = self._stats
+        if hb is None:
+            hb = F.conv2d(x, self.base[f"{PATCH}.weight"], self.base[f"{PATCH}.bias"], stride=p)
+            hb = hb.flatten(2).transpose(1, 2)  # [B, L, D]
+            if self.base_task in stats:
+                pe_flops = 2.0 * h * w * self.base[f"{PATCH}.weight"].numel()
+                stats[self.base_task].executed_flops += pe_flops
+                stats[self.base_task].theoretical_flops += pe_flops
         patches = None
         hs: dict[str, torch.Tensor] = {}
         for s in subs:
@@ -439,7 +469,7 @@ class SharedEngine(nn.Module):
             th = 2.0 * h * w * lin.weight_nnz
             if lin.mode == "dense":
                 y = F.conv2d(x, lin.merged_w, lin.merged_b, stride=p).flatten(2).transpose(1, 2)
-                ex = pe_flops
+                ex = 2.0 * h * w * lin.weight_numel
             else:
                 y = hb if lin.bias_delta is None else hb + lin.bias_delta
                 if lin.mode == "csr":
@@ -448,42 +478,35 @@ class SharedEngine(nn.Module):
                     y = lin.csr.linear(patches, add=y.reshape(b * h * w, -1)).reshape(b, h * w, -1)
                 ex = th
             hs[s.name] = y
-            if stats:
+            if s.name in stats:
                 stats[s.name].executed_flops += ex
                 stats[s.name].theoretical_flops += th
-        for t in stats:
-            if t == self.base_task:
-                stats[t].executed_flops += pe_flops
-                stats[t].theoretical_flops += pe_flops
 
         pos = _sincos_pos_embed(self.cfg.embed_dim, h, w).to(self.device, self.dtype)
 
         def tokens(y, cls):
             return torch.cat([cls.expand(b, -1, -1), y + pos], dim=1)
 
-        hb = tokens(hb, self.base["cls_token"])
-        hs = {s.name: tokens(hs[s.name], s.cls_token) for s in subs}
+        return tokens(hb, self.base["cls_token"]), {s.name: tokens(hs[s.name], s.cls_token) for s in subs}
 
-        for i in range(self.cfg.depth):
-            hb, hs = self._block(i, hb, hs, subs)
-
-        feats = {self.base_task: hb, **hs}
+    def _outputs(self, tasks: list[str], feats: dict[str, torch.Tensor], size) -> dict[str, torch.Tensor]:
+        """Every task's head on its tokens; adds attention and heads to the FLOPs when counting
+        (they run as they are) and publishes ``last_stats``."""
+        H, W = size
+        b, n_tok, _ = feats[self.base_task].shape
+        p = self.cfg.patch_size
+        h, w = H // p, W // p
         out = {}
         for t in tasks:
             f = feats[t][:, 1:].transpose(1, 2).reshape(b, self.cfg.embed_dim, h, w)
             out[t] = self.heads[t](f, out_size=(H, W))
-        if stats:
-            n_tok = h * w + 1
+        if self._stats:
             attn = 4.0 * n_tok * n_tok * self.cfg.embed_dim * self.cfg.depth  # QKᵀ and AV per image
             for t in tasks:
-                st = stats[t]
-                if t == self.base_task:  # the base runs densely
-                    st.executed_flops += self._dense_linear_flops(n_tok)
-                    st.theoretical_flops += self._dense_linear_flops(n_tok)
                 fixed = attn + self._head_cost(t, h, w, H, W)
-                st.executed_flops += fixed
-                st.theoretical_flops += fixed
-            self.last_stats = stats
+                self._stats[t].executed_flops += fixed
+                self._stats[t].theoretical_flops += fixed
+            self.last_stats = self._stats
         return out
 
     def _dense_linear_flops(self, n_tok: int) -> float:
@@ -502,12 +525,14 @@ class SharedEngine(nn.Module):
             self._head_flops[key] = float(counter.get_total_flops())
         return self._head_flops[key]
 
-    def _block(self, i: int, xb: torch.Tensor, xs: dict[str, torch.Tensor],
-               subs: list[_SubTask]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _block(self, i: int, xb: torch.Tensor, xs: dict[str, torch.Tensor], subs: list[_SubTask],
+               linear: Callable | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One timm ``Block`` (pre-norm attention + MLP, no layer scale) for the base and every
         sub-task in lockstep: each linear runs for the base first, then for all sub-tasks at
-        once, so their gathered rows share one GEMM with ``W_b`` (one weight packing, one call)."""
+        once, so their gathered rows share one GEMM with ``W_b`` (one weight packing, one call).
+        ``linear``: how the linears run (default :meth:`_linear`; a video stream passes its own)."""
         pre = f"blocks.{i}."
+        linear = linear or self._linear
         b, n, d = xb.shape
         heads = self.cfg.num_heads
 
@@ -520,19 +545,21 @@ class SharedEngine(nn.Module):
             return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
 
         yb, ys = norm(pre + "norm1", xb, xs)
-        yb, ys = self._linear(pre + "attn.qkv", yb, ys, subs)
-        yb, ys = self._linear(pre + "attn.proj", attention(yb), {t: attention(y) for t, y in ys.items()}, subs)
+        yb, ys = linear(pre + "attn.qkv", yb, ys, subs)
+        yb, ys = linear(pre + "attn.proj", attention(yb), {t: attention(y) for t, y in ys.items()}, subs)
         xb, xs = xb + yb, {t: xs[t] + ys[t] for t in xs}
         yb, ys = norm(pre + "norm2", xb, xs)
-        yb, ys = self._linear(pre + "mlp.fc1", yb, ys, subs)
-        yb, ys = self._linear(pre + "mlp.fc2", F.gelu(yb), {t: F.gelu(y) for t, y in ys.items()}, subs)
+        yb, ys = linear(pre + "mlp.fc1", yb, ys, subs)
+        yb, ys = linear(pre + "mlp.fc2", F.gelu(yb), {t: F.gelu(y) for t, y in ys.items()}, subs)
         return xb + yb, {t: xs[t] + ys[t] for t in xs}
 
-    def _linear(self, name: str, x_b: torch.Tensor, xs: dict[str, torch.Tensor],
-                subs: list[_SubTask]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The base's linear, then every sub-task's ``y_b + W_b · T_τ(x_s − x_b) + (M ⊙ δ) · x_s``."""
+    def _linear(self, name: str, x_b: torch.Tensor, xs: dict[str, torch.Tensor], subs: list[_SubTask],
+                y_b: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The base's linear (unless given as ``y_b``), then every sub-task's
+        ``y_b + W_b · T_τ(x_s − x_b) + (M ⊙ δ) · x_s``."""
         w_b, b_b = self.base[f"{name}.weight"], self.base[f"{name}.bias"]
-        y_b = F.linear(x_b, w_b, b_b)
+        if y_b is None:
+            y_b = F.linear(x_b, w_b, b_b)
         d_out, d_in = w_b.shape
         n = x_b.numel() // d_in  # tokens in the batch
         ys: dict[str, torch.Tensor] = {}

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Subset
 from mtshare import checkpoint as ckpt
 from mtshare import flops
 from mtshare import operating_point as op
-from mtshare.data import DATASETS, build_dataset
+from mtshare.data import build_dataset
 from mtshare.engine import SharedEngine
 from mtshare.models import DenseTaskModel, build_model, load_pretrained
 from mtshare.models.delta import (

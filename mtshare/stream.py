@@ -1,0 +1,312 @@
+"""Video streams: share computation across frames as well as across tasks.
+
+``engine.stream(keyframe_every=K, split_layer=l)`` (or ``VideoStream(engine, ...)``) is a
+stateful stream over a :class:`~mtshare.engine.SharedEngine`; ``push(frame)`` returns
+``{task: output}`` for one frame (or a batch of frames from parallel cameras).
+
+- **Keyframe** (frame 0, K, 2K, …): the engine runs as it does on still images (base in full,
+  sub-tasks through their task deltas) and every cache below is filled.
+- **Other frames**: every encoder linear (and the base's patch embedding) keeps, per task, the
+  input rows it last computed and their outputs. A token row whose input moved by at least
+  the layer's temporal τ since it was last computed (max-abs over the row) is recomputed and
+  its cache entry replaced; the others keep their cached output. The base does this in every
+  layer. A sub-task does it with its own merged weight ``W_b + M ⊙ δ`` in the blocks from
+  ``split_layer`` on; in the blocks before, it takes its task delta over the base's
+  (temporally updated) activations, as on a keyframe.
+
+Comparing with the row's *last computed* input rather than the previous frame's means a slow
+drift below τ still triggers a recompute once it adds up to τ: each cached input differs from
+the true one by less than τ per entry, however long ago the keyframe was (error does not
+accumulate with time; keyframes reset it all the same). τ = 0 recomputes every row that
+changed at all: the outputs are those of the engine run frame by frame.
+
+The heads are gated the same way: their per-token projection, and the per-pixel MLPs of their
+ConvNeXt blocks (rows = pixels, after the depthwise conv and norm). Layer norms, GELU,
+residuals, the attention (softmax over all tokens), the heads' depthwise convs, output conv and
+upsampling run in full on every frame; they are counted in the FLOPs as such.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from mtshare.engine import PATCH, SharedEngine, TaskStats, _SubTask
+from mtshare.models.heads import UNSHUFFLE
+
+__all__ = ["VideoStream", "calibrate_stream", "temporal_layers"]
+
+
+@dataclass
+class _RowCache:
+    x: torch.Tensor  # [n, d_in] the input rows as last computed
+    y: torch.Tensor  # [n, d_out] their outputs
+
+
+def temporal_layers(engine: SharedEngine) -> list[str]:
+    """The layers with a temporal τ: the patch embedding (the base's), every encoder linear, the
+    heads' projection and their blocks' MLPs."""
+    return [PATCH, *engine.linear_paths(), "head.proj", "head.blocks.0.mlp", "head.blocks.1.mlp"]
+
+
+class VideoStream:
+    """A stateful video stream over ``engine`` (see the module docstring).
+
+    ``thresholds``: temporal τ by task, then by layer (``temporal_layers``); missing = 0 =
+    recompute every row that changed. Defaults to ``engine.temporal_thresholds`` (what a suite
+    stores). ``collect_stats``: count the executed FLOPs per frame (``last_flops``)."""
+
+    def __init__(self, engine: SharedEngine, keyframe_every: int = 8, split_layer: int | None = None,
+                 thresholds: Mapping[str, Mapping[str, float]] | None = None, tasks: list[str] | None = None,
+                 collect_stats: bool = False):
+        depth = engine.cfg.depth
+        split_layer = depth // 2 if split_layer is None else split_layer
+        if keyframe_every < 1:
+            raise ValueError(f"keyframe_every must be >= 1, got {keyframe_every}")
+        if not 0 <= split_layer <= depth:
+            raise ValueError(f"split_layer must be in [0, {depth}], got {split_layer}")
+        self.engine = engine
+        self.keyframe_every = keyframe_every
+        self.split_layer = split_layer
+        self.tasks = list(tasks) if tasks is not None else engine.tasks
+        src = engine.temporal_thresholds if thresholds is None else thresholds
+        self.thresholds = {t: {k: float(v) for k, v in src.get(t, {}).items()} for t in engine.tasks}
+        self.collect_stats = collect_stats
+        self.last_flops: dict[str, float] = {}  # executed FLOPs per image of the last frame, by task
+        self.last_rows: dict[str, float | None] = {}  # rows recomputed on temporal layers (FLOPs-weighted)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every cache: the next frame is a keyframe."""
+        self._cache: dict[tuple[str, str], _RowCache] = {}
+        self._count = 0
+        self._shape: tuple | None = None
+
+    @property
+    def frames_seen(self) -> int:
+        return self._count
+
+    @torch.inference_mode()
+    def push(self, frame: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One frame ``[3, H, W]`` (or ``[B, 3, H, W]``: B cameras) → ``{task: output}``."""
+        eng = self.engine
+        tasks, subs, x = eng._inputs(frame if frame.dim() == 4 else frame[None], self.tasks)
+        key = self._count % self.keyframe_every == 0 or x.shape != self._shape
+        if x.shape != self._shape:
+            self.reset()
+            self._shape = x.shape
+        self._count += 1
+        self._key = key
+        b, _, H, W = x.shape
+        p = eng.cfg.patch_size
+        eng._stats = {t: TaskStats() for t in tasks} if self.collect_stats else {}
+        eng._batch = b
+        self._run: dict[str, list[float]] = {t: [0.0, 0.0] for t in tasks}  # rows run, rows in (weighted)
+
+        # The base's patch embedding as a linear over patches, row-gated like every linear.
+        patches = F.unfold(x, p, stride=p).transpose(1, 2).reshape(b * (H // p) * (W // p), -1)
+        w_pe = eng.base[f"{PATCH}.weight"].reshape(eng.cfg.embed_dim, -1)
+        hb = self._rows(eng.base_task, PATCH, patches, lambda r: F.linear(r, w_pe, eng.base[f"{PATCH}.bias"]))
+        hb, hs = eng._embed(x, subs, hb=hb.reshape(b, -1, eng.cfg.embed_dim))
+        for i in range(eng.cfg.depth):
+            hb, hs = eng._block(i, hb, hs, subs, linear=lambda *a, i=i: self._linear(i, *a))
+        feats = {eng.base_task: hb, **hs}
+        n_tok, h, w = hb.shape[1], H // p, W // p
+        out = {}
+        for t in tasks:
+            out[t] = self._head(t, feats[t][:, 1:].transpose(1, 2).reshape(b, -1, h, w), (H, W))
+            if t in eng._stats:  # attention runs in full, as does what the head does not gate
+                attn = 4.0 * n_tok * n_tok * eng.cfg.embed_dim * eng.cfg.depth
+                eng._stats[t].executed_flops += attn + eng._head_cost(t, h, w, H, W) - self._head_gated_flops(t, h, w)
+        if self.collect_stats:
+            self.last_flops = {t: eng._stats[t].executed_flops for t in tasks}
+            self.last_rows = {t: (r / n if n else None) for t, (r, n) in self._run.items()}
+        return out
+
+    def _linear(self, i: int, name: str, x_b: torch.Tensor, xs: dict[str, torch.Tensor],
+                subs: list[_SubTask]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        eng = self.engine
+        w_b, b_b = eng.base[f"{name}.weight"], eng.base[f"{name}.bias"]
+        y_b = self._rows(eng.base_task, name, x_b, lambda r: F.linear(r, w_b, b_b)).reshape(*x_b.shape[:-1], -1)
+        own = i >= self.split_layer
+        shared = subs if (self._key or not own) else []
+        ys = eng._linear(name, x_b, xs, shared, y_b=y_b)[1] if shared else {}
+        if own:  # sub-tasks on their own temporal caches (filled from the keyframe's outputs)
+            for s in subs:
+                w, bias = eng._merged(name, s.linears[name])
+                y = self._rows(s.name, name, xs[s.name], lambda r, w=w, bias=bias: F.linear(r, w, bias),
+                               keyframe_out=ys.get(s.name))
+                ys[s.name] = y.reshape(*x_b.shape[:-1], -1)
+        return y_b, ys
+
+    def _head(self, task: str, feats: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """``DenseHead.forward`` with its per-token projection and its blocks' per-pixel MLPs
+        row-gated like the encoder's linears (the 7x7 depthwise convs, norms, the 1x1 output conv
+        and the upsampling run in full)."""
+        head = self.engine.heads[task]
+        b, d, h, w = feats.shape
+        x = self._rows(task, "head.proj", feats.permute(0, 2, 3, 1), head.proj)
+        x = F.pixel_shuffle(x.reshape(b, h, w, -1).permute(0, 3, 1, 2), UNSHUFFLE)
+        for k, blk in enumerate(head.blocks):
+            y = blk.norm(blk.dwconv(x).permute(0, 2, 3, 1))
+            dim = y.shape[-1]
+            y = self._rows(task, f"head.blocks.{k}.mlp", y, lambda r, blk=blk: blk.pwconv2(blk.act(blk.pwconv1(r))),
+                           row_flops=2.0 * 2 * dim * blk.pwconv1.out_features)
+            x = x + y.reshape(b, x.shape[2], x.shape[3], dim).permute(0, 3, 1, 2)
+        return F.interpolate(head.out(x), size=size, mode="bilinear", align_corners=False)
+
+    def _head_gated_flops(self, task: str, h: int, w: int) -> float:
+        """Dense FLOPs per image of what :meth:`_head` gates (counted by rows instead)."""
+        head = self.engine.heads[task]
+        proj = 2.0 * h * w * head.proj.in_features * head.proj.out_features
+        pixels = h * w * UNSHUFFLE * UNSHUFFLE
+        mlp = sum(2.0 * 2 * pixels * blk.pwconv1.in_features * blk.pwconv1.out_features for blk in head.blocks)
+        return proj + mlp
+
+    def _rows(self, task: str, name: str, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor],
+              keyframe_out: torch.Tensor | None = None, row_flops: float | None = None) -> torch.Tensor:
+        """``fn(x)`` row by row through the cache of (task, layer): on a keyframe every row is
+        computed (or ``keyframe_out`` taken as the result) and cached; on other frames only the
+        rows whose input moved by τ or more since they were last computed. ``row_flops``: the
+        cost of one row (default: a linear's, 2·d_in·d_out)."""
+        x2 = x.reshape(-1, x.shape[-1])
+        n, d_in = x2.shape
+        cache = self._cache.get((task, name))
+        if self._key or cache is None:
+            y = fn(x2) if keyframe_out is None else keyframe_out.reshape(n, -1)
+            self._cache[(task, name)] = _RowCache(x2.clone(), y.clone())
+            self._count_flops(task, n, n, row_flops or 2.0 * d_in * y.shape[-1], counted=keyframe_out is not None)
+            return y
+        delta = x2 - cache.x
+        rowmax = torch.maximum(delta.amax(dim=1), delta.amin(dim=1).neg_())
+        tau = self.thresholds.get(task, {}).get(name, 0.0)
+        idx = (rowmax >= tau if tau > 0 else rowmax > 0).nonzero().squeeze(1)
+        if idx.numel():
+            rows = x2.index_select(0, idx)
+            cache.x.index_copy_(0, idx, rows)
+            cache.y.index_copy_(0, idx, fn(rows))
+        self._count_flops(task, idx.numel(), n, row_flops or 2.0 * d_in * cache.y.shape[-1])
+        return cache.y
+
+    def _count_flops(self, task: str, rows: int, n: int, row_flops: float, counted: bool = False) -> None:
+        eng = self.engine
+        if task not in eng._stats:
+            return
+        dense = row_flops * n / eng._batch
+        if not counted:  # (a keyframe's sub-task rows come from the engine, which counted them)
+            eng._stats[task].executed_flops += dense * rows / n
+        self._run[task][0] += dense * rows / n
+        self._run[task][1] += dense
+
+
+# --- calibration --------------------------------------------------------------------------------
+
+
+def _change_scales(engine: SharedEngine, clips: Iterable[torch.Tensor], keyframe_every: int,
+                   split_layer: int) -> dict[str, dict[str, float]]:
+    """Per task and layer, the median over rows of the max-abs change of the layer's input
+    between consecutive frames, streamed at τ = 0 over ``clips``: a row's typical change (on a
+    still background mostly sensor noise), the unit in which τ is set."""
+    stream = VideoStream(engine, keyframe_every, split_layer, thresholds={})
+    changes: dict[tuple[str, str], list[torch.Tensor]] = {}
+    rows = stream._rows
+
+    def spy(task, name, x, fn, **kw):
+        cache = stream._cache.get((task, name))
+        if not stream._key and cache is not None:
+            delta = x.reshape(-1, x.shape[-1]) - cache.x
+            changes.setdefault((task, name), []).append(delta.abs().amax(dim=1).float())
+        return rows(task, name, x, fn, **kw)
+
+    stream._rows = spy
+    for clip in clips:
+        stream.reset()
+        for frame in clip:
+            stream.push(frame)
+    out: dict[str, dict[str, float]] = {}
+    for (task, name), parts in changes.items():
+        out.setdefault(task, {})[name] = float(torch.cat(parts).median())
+    return out
+
+
+# (task, the clips' indices, the outputs of their frames, clip after clip) -> value, higher = better
+MetricFn = Callable[[str, list[int], list[torch.Tensor]], float]
+
+
+def calibrate_stream(engine: SharedEngine, clips: list[torch.Tensor], metric: MetricFn, tolerance: float = 0.01,
+                     *, keyframe_every: int = 8, split_layer: int | None = None, steps: int = 8,
+                     scale_range: tuple[float, float] = (0.05, 20.0), log: Callable[[str], None] | None = None) -> dict:
+    """Temporal τ for every task and layer such that each task's metric, streamed over ``clips``
+    (frames ``[T, 3, H, W]`` each), stays within ``tolerance`` (relative) of the same stream's
+    metric at τ = 0; sets ``engine.temporal_thresholds`` and returns ``{"scale": {task: κ},
+    "thresholds", "metric_ref", "metric", "split_layer", "keyframe_every"}``.
+
+    The reference is the stream at τ = 0, not the engine frame by frame: from ``split_layer`` on
+    a sub-task recomputes rows with its exact merged weight, where the engine at its operating
+    point skips task-delta rows, so the two differ by up to the task calibration's tolerance
+    (either way: on a few dozen frames edge ODS-F moved by 1.8 % between them). τ must not pay
+    for that difference; ``bench --video`` reports the stream's metric beside the engine's.
+
+    ``metric(task, clip_indices, outputs)``: the task's value (higher = better) over the frames
+    of those clips (pool them: a task's meter over the whole set, as the report does).
+
+    One knob κ per task: τ of a layer = κ · (median over its rows of the max-abs frame-to-frame
+    change of its input on these clips), so κ means the same on every layer (about half the
+    rows change by more than κ = 1). A bisection on log κ per task (all tasks in one streamed
+    pass per step) keeps the largest feasible κ (the fewest rows recomputed); a task never
+    feasible keeps τ = 0. The base's τ feeds the sub-tasks (patch
+    embedding, blocks before ``split_layer``): a last pass checks the chosen κ together and
+    halves those that fail (at most 3 times; then τ = 0 for them).
+    """
+    split_layer = engine.cfg.depth // 2 if split_layer is None else split_layer
+    tasks = engine.tasks
+    every = list(range(len(clips)))
+    log = log or (lambda _: None)
+
+    def score(outputs_by_clip) -> dict[str, float]:
+        return {t: metric(t, every, [out[t] for frames in outputs_by_clip for out in frames]) for t in tasks}
+
+    scales = _change_scales(engine, clips, keyframe_every, split_layer)
+
+    def run(kappa: dict[str, float]) -> tuple[dict, dict[str, float]]:
+        th = {t: {k: kappa[t] * v for k, v in scales.get(t, {}).items()} for t in tasks if kappa.get(t)}
+        stream = VideoStream(engine, keyframe_every, split_layer, thresholds=th)
+        outs = []
+        for clip in clips:
+            stream.reset()
+            outs.append([stream.push(frame) for frame in clip])
+        return th, score(outs)
+
+    def feasible(t: str, m: dict[str, float]) -> bool:
+        return math.isfinite(m[t]) and m[t] >= reference[t] - tolerance * abs(reference[t])
+
+    _, reference = run({})
+    lo = {t: math.log(scale_range[0]) for t in tasks}
+    hi = {t: math.log(scale_range[1]) for t in tasks}
+    kappa = {t: 0.0 for t in tasks}
+    for step in range(steps):
+        mid = {t: (lo[t] + hi[t]) / 2 for t in tasks}
+        _, m = run({**kappa, **{t: math.exp(v) for t, v in mid.items()}})
+        for t in tasks:
+            if feasible(t, m):
+                lo[t], kappa[t] = mid[t], math.exp(mid[t])
+            else:
+                hi[t] = mid[t]
+        log(f"stream calibration {step + 1}/{steps}: κ " + ", ".join(f"{t} {k:.3g}" for t, k in kappa.items()))
+    for _ in range(3):
+        th, m = run(kappa)
+        failing = [t for t in tasks if kappa[t] and not feasible(t, m)]
+        if not failing:
+            break
+        for t in failing:
+            kappa[t] /= 2
+    else:
+        for t in [t for t in tasks if kappa[t] and not feasible(t, m)]:
+            kappa[t] = 0.0
+        th, m = run(kappa)
+    engine.temporal_thresholds = th
+    return {"scale": kappa, "thresholds": th, "metric_ref": reference, "metric": m, "split_layer": split_layer,
+            "keyframe_every": keyframe_every}
