@@ -84,8 +84,14 @@ def _parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("infer", help="run every task of a trained suite on images; write PNG panels and .npy")
     i.add_argument("--workdir", required=True)
-    i.add_argument("--images", nargs="+", required=True)
+    src = i.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", nargs="+")
+    src.add_argument("--video", help="a folder of frames or a video file: per-frame panels + animation.gif, "
+                                     "through the temporal stream")
     i.add_argument("--out", required=True)
+    i.add_argument("--keyframe-every", type=int, default=8, help="--video: a full frame every K frames (default 8)")
+    i.add_argument("--split-layer", type=int, help="--video: sub-tasks use their own temporal caches from this "
+                                                   "block on (default: half the depth)")
 
     b = sub.add_parser("bench", help="shared-inference benchmark: N dense models vs the shared engine")
     b.add_argument("--model", default="vit_small", choices=["vit_debug", "vit_tiny", "vit_small", "vit_base"])
@@ -97,6 +103,13 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     b.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's default)")
     b.add_argument("--format", choices=["table", "json"], default="table")
+    b.add_argument("--video", help="a folder of frames or a video file: N dense models vs the engine frame by frame "
+                                   "vs the temporal stream, per frame")
+    b.add_argument("--keyframe-every", type=int, default=8, help="--video: a full frame every K frames (default 8)")
+    b.add_argument("--split-layer", type=int, help="--video: sub-tasks use their own temporal caches from this block "
+                                                   "on (default: half the depth)")
+    b.add_argument("--tolerance", type=float, default=0.01,
+                   help="--video: relative metric loss allowed when calibrating temporal thresholds (default 0.01)")
 
     u = sub.add_parser("ui", help="serve the MLflow UI of a run on 127.0.0.1")
     u.add_argument("--workdir")

@@ -231,6 +231,19 @@ def cmd_infer(args) -> int:
     workdir = Path(args.workdir)
     if not _local_store(workdir).is_dir():
         raise UserError(f"{workdir}: not a run directory (no store/)")
+    if args.video:
+        from mtshare.bench import BenchInputError
+        from mtshare.video import infer_video
+
+        if args.keyframe_every < 1:
+            raise UserError(f"--keyframe-every: must be >= 1, got {args.keyframe_every}")
+        try:
+            gif = infer_video(workdir, args.video, args.out, args.keyframe_every, args.split_layer,
+                              log=lambda s: print(s, file=sys.stderr))
+        except BenchInputError as e:
+            raise UserError(str(e)) from None
+        print(gif)
+        return 0
     for img in args.images:
         if not Path(img).is_file():
             raise UserError(f"{img}: image not found")
@@ -248,6 +261,14 @@ def cmd_bench(args) -> int:
             _local_store(Path(args.workdir))
         if args.threads is not None and args.threads < 1:
             raise BenchInputError(f"--threads: must be >= 1, got {args.threads}")
+        if args.video:
+            from mtshare.video import bench_video, format_video_table
+
+            result = bench_video(args.video, args.workdir, args.model, args.img, args.keyframe_every, args.split_layer,
+                                 args.tolerance, args.device, args.threads,
+                                 log=(lambda s: None) if args.format == "json" else (lambda s: print(s, file=sys.stderr)))
+            print(json.dumps(json_safe(result)) if args.format == "json" else format_video_table(result))
+            return 0
         result = run_bench(args.model, args.img, args.batch, args.tasks, args.sparsity, args.workdir, args.device,
                            threads=args.threads,
                            log=(lambda s: None) if args.format == "json" else (lambda s: print(s, file=sys.stderr)))

@@ -257,21 +257,24 @@ def calibrate_stream(engine: SharedEngine, clips: list[torch.Tensor], metric: Me
     change of its input on these clips), so κ means the same on every layer (about half the
     rows change by more than κ = 1). A bisection on log κ per task (all tasks in one streamed
     pass per step) keeps the largest feasible κ (the fewest rows recomputed); a task never
-    feasible keeps τ = 0. The base's τ feeds the sub-tasks (patch
+    feasible keeps τ = 0. Feasible means on all clips together AND on each clip alone, as in
+    :func:`mtshare.operating_point.calibrate_task`: a noisy metric (edge ODS-F on a few dozen
+    frames) passes on one set by luck far more often than on each of its parts. The base's τ feeds the sub-tasks (patch
     embedding, blocks before ``split_layer``): a last pass checks the chosen κ together and
     halves those that fail (at most 3 times; then τ = 0 for them).
     """
     split_layer = engine.cfg.depth // 2 if split_layer is None else split_layer
     tasks = engine.tasks
-    every = list(range(len(clips)))
+    parts = [list(range(len(clips)))] + ([[c] for c in range(len(clips))] if len(clips) > 1 else [])
     log = log or (lambda _: None)
 
-    def score(outputs_by_clip) -> dict[str, float]:
-        return {t: metric(t, every, [out[t] for frames in outputs_by_clip for out in frames]) for t in tasks}
+    def score(outputs_by_clip) -> dict[str, list[float]]:  # per task: all clips, then each clip alone
+        return {t: [metric(t, part, [out[t] for c in part for out in outputs_by_clip[c]]) for part in parts]
+                for t in tasks}
 
     scales = _change_scales(engine, clips, keyframe_every, split_layer)
 
-    def run(kappa: dict[str, float]) -> tuple[dict, dict[str, float]]:
+    def run(kappa: dict[str, float]) -> tuple[dict, dict[str, list[float]]]:
         th = {t: {k: kappa[t] * v for k, v in scales.get(t, {}).items()} for t in tasks if kappa.get(t)}
         stream = VideoStream(engine, keyframe_every, split_layer, thresholds=th)
         outs = []
@@ -280,8 +283,8 @@ def calibrate_stream(engine: SharedEngine, clips: list[torch.Tensor], metric: Me
             outs.append([stream.push(frame) for frame in clip])
         return th, score(outs)
 
-    def feasible(t: str, m: dict[str, float]) -> bool:
-        return math.isfinite(m[t]) and m[t] >= reference[t] - tolerance * abs(reference[t])
+    def feasible(t: str, m: dict[str, list[float]]) -> bool:
+        return all(math.isfinite(v) and v >= r - tolerance * abs(r) for v, r in zip(m[t], reference[t]))
 
     _, reference = run({})
     lo = {t: math.log(scale_range[0]) for t in tasks}
@@ -308,5 +311,5 @@ def calibrate_stream(engine: SharedEngine, clips: list[torch.Tensor], metric: Me
             kappa[t] = 0.0
         th, m = run(kappa)
     engine.temporal_thresholds = th
-    return {"scale": kappa, "thresholds": th, "metric_ref": reference, "metric": m, "split_layer": split_layer,
-            "keyframe_every": keyframe_every}
+    return {"scale": kappa, "thresholds": th, "metric_ref": {t: v[0] for t, v in reference.items()},
+            "metric": {t: v[0] for t, v in m.items()}, "split_layer": split_layer, "keyframe_every": keyframe_every}

@@ -1,0 +1,379 @@
+"""Video in and out, and the two video commands: ``bench --video`` and ``infer --video``.
+
+A video is a folder of frames (image files, in name order) or a video file (read with OpenCV,
+already a dependency). A folder that is one sequence of a dataset in its real layout
+(``<root>/JPEGImages/<sequence>`` for PASCAL-Context, ``<root>/images/<sequence>`` for NYUD,
+see ``mtshare.data.clips``) has labels: its listed frames are read with them, through the
+dataset's own loader, and the stream's metric is measured.
+
+Temporal thresholds, in this order: the ones stored with the suite (``store/stream.json``);
+else, when the video's dataset has labelled *train* sequences (other than the video's own),
+calibrated on up to three of them, 32 frames each (``mtshare.stream.calibrate_stream`` at
+half the tolerance, as suites calibrate task thresholds; never on the measured frames); else none (τ = 0: every changed row is recomputed, the outputs are exact). The
+result names its source.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mtshare.data import DataError, build_dataset, read_ids, read_image, sequences
+from mtshare.data.transforms import normalize
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+LAYOUT_IMAGE_DIRS = {"JPEGImages": "pascal_context", "images": "nyud"}
+SPLIT_DIRS = {"pascal_context": "ImageSets/Context", "nyud": "gt_sets"}
+STREAM_FILE = "stream.json"  # in a suite's store: temporal τ and the stream's settings
+
+
+def read_frames(path: str | Path, max_frames: int | None = None) -> list[np.ndarray]:
+    """The RGB frames (uint8 [H, W, 3]) of a folder of images or a video file."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DataError(f"{path}: no frames (image files {', '.join(IMAGE_SUFFIXES)}) in this folder")
+        frames = [read_image(p, "RGB") for p in files[:max_frames]]
+    elif path.is_file():
+        import cv2
+
+        cap = cv2.VideoCapture(str(path))
+        frames = []
+        while cap.isOpened() and (max_frames is None or len(frames) < max_frames):
+            ok, bgr = cap.read()
+            if not ok:
+                break
+            frames.append(bgr[..., ::-1].copy())
+        cap.release()
+        if not frames:
+            raise DataError(f"{path}: not a readable video (OpenCV decoded no frame)")
+    else:
+        raise DataError(f"{path}: no such folder of frames or video file")
+    if len({f.shape for f in frames}) > 1:
+        raise DataError(f"{path}: frames differ in size")
+    return frames
+
+
+def prepare_frames(frames: list[np.ndarray], size: int, patch: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Frames as the suite's val images are prepared (long side shrunk to ``size`` if larger,
+    normalised, padded bottom/right to a multiple of the patch): ``[T, 3, S, S]`` and the
+    content's (h, w) inside the pad."""
+    x = torch.stack([torch.from_numpy(normalize(f)).permute(2, 0, 1) for f in frames])
+    h, w = x.shape[-2:]
+    if max(h, w) > size:
+        r = size / max(h, w)
+        x = F.interpolate(x, size=(max(1, round(h * r)), max(1, round(w * r))), mode="bilinear", align_corners=False)
+    ch, cw = x.shape[-2:]
+    side = max(size, -(-max(ch, cw) // patch) * patch)
+    return F.pad(x, (0, side - cw, 0, side - ch)), (ch, cw)
+
+
+def labelled_sequence(path: str | Path) -> tuple[str, Path, str, list[str]] | None:
+    """``(dataset, root, split, frame ids)`` when ``path`` is one sequence's image folder in a
+    dataset layout whose split files list its frames; else None."""
+    path = Path(path).resolve()
+    dataset = LAYOUT_IMAGE_DIRS.get(path.parent.name)
+    if dataset is None or not path.is_dir():
+        return None
+    root = path.parent.parent
+    for split in ("val", "train"):
+        split_file = root / SPLIT_DIRS[dataset] / f"{split}.txt"
+        if split_file.is_file():
+            frames = sequences(read_ids(split_file)).get(path.name)
+            if frames:
+                return dataset, root, split, frames
+    return None
+
+
+def _sequence_items(dataset: str, root: Path, split: str, ids: list[str], tasks: list[str], img_size: int):
+    """A sequence's frames and labels, prepared as val items: (images [T, 3, S, S], {task: [T, ...]})."""
+    ds = build_dataset(dataset, root, split, tasks, train=False, img_size=img_size)
+    index = {i: k for k, i in enumerate(ds.ids)}
+    items = [ds[index[i]] for i in ids]
+    return torch.stack([it["image"] for it in items]), {t: torch.stack([it[t] for it in items]) for t in tasks}
+
+
+def task_metric(task: str, dataset: str, options: dict | None = None) -> Callable[[list[torch.Tensor], torch.Tensor], float]:
+    """``fn(outputs, targets) -> value``: the task's own meter (``options``: as the suite
+    measured it, e.g. edge's thresholds), pooled over the frames."""
+    from mtshare.tasks import get_task
+
+    def fn(outputs, targets):
+        meter = get_task(task).new_meter(dataset, **(options or {}))
+        meter.update(torch.cat(outputs).float().cpu(), targets)
+        return float(meter.compute())
+    return fn
+
+
+def meter_options(store: Path) -> dict[str, dict]:
+    """Per task, the meter options the suite measured it with (edge: its ODS-F thresholds)."""
+    from mtshare import checkpoint as ckpt
+    from mtshare.infer import final_stages
+    from mtshare.report import load_results
+
+    out = {}
+    for task, r in final_stages(load_results(store)).items():
+        if task == "edge":
+            optim = ckpt.read_manifest(store / r["stage"] / "model.safetensors")["spec"]["optim"]
+            out[task] = {"n_thresholds": optim["edge_thresholds"]}
+    return out
+
+
+def temporal_thresholds(engine, store: Path | None, path: Path, labelled, img_size: int, keyframe_every: int,
+                        split_layer: int | None, tolerance: float, margin: float = 0.5, calib_frames: int = 32,
+                        calib_sequences: int = 3,
+                        log: Callable[[str], None] = lambda s: None) -> tuple[dict, str, dict | None]:
+    """Set ``engine.temporal_thresholds`` (see the module docstring); returns (thresholds, where
+    they come from, the calibration summary or None)."""
+    from mtshare.stream import calibrate_stream
+    from mtshare.tasks import get_task
+
+    stored = store / STREAM_FILE if store is not None else None
+    if stored is not None and stored.is_file():
+        engine.temporal_thresholds = json.loads(stored.read_text())["thresholds"]
+        return engine.temporal_thresholds, f"stored with the suite ({stored})", None
+    if labelled is not None:
+        dataset, root, _, _ = labelled
+        split_file = root / SPLIT_DIRS[dataset] / "train.txt"
+        train = sequences(read_ids(split_file)) if split_file.is_file() else {}
+        train.pop(Path(path).resolve().name, None)
+        chosen = list(train.items())[:calib_sequences]
+        if chosen:
+            data = [_sequence_items(dataset, root, "train", ids[:calib_frames], engine.tasks, img_size)
+                    for _, ids in chosen]
+            sign = {t: 1.0 if get_task(t).higher_is_better else -1.0 for t in engine.tasks}
+            options = meter_options(store) if store is not None else {}
+
+            def metric(task, clips, outputs):
+                targets = torch.cat([data[c][1][task] for c in clips])
+                return sign[task] * task_metric(task, dataset, options.get(task))(outputs, targets)
+
+            log(f"calibrating temporal thresholds on {len(chosen)} train sequences of {root} "
+                f"({', '.join(s for s, _ in chosen)}), {calib_frames} frames each")
+            # aim at margin x tolerance (as suites calibrate task thresholds): these are other frames
+            summary = calibrate_stream(engine, [d[0] for d in data], metric, tolerance * margin,
+                                       keyframe_every=keyframe_every, split_layer=split_layer, log=log)
+            return engine.temporal_thresholds, (f"calibrated on train sequences {', '.join(s for s, _ in chosen)} "
+                                                f"of {root} (tolerance {tolerance}, margin {margin})"), summary
+    engine.temporal_thresholds = {}
+    return {}, "none: τ = 0 (no stored thresholds and no labelled train sequences to calibrate on)", None
+
+
+def _load(path: Path, workdir: str | Path | None, model: str, img: int, device: str, seed: int = 0):
+    """(engine, frames [T, 3, S, S], labels or None, the labelled sequence or None, content size,
+    store, image size)."""
+    from mtshare.bench import BenchInputError, synthetic_engine
+
+    labelled = labelled_sequence(path)
+    if workdir:
+        from mtshare.infer import load_suite_engine
+
+        store = Path(workdir) / "store"
+        if not (store / "base" / "model.safetensors").is_file():
+            raise BenchInputError(f"--workdir: no base checkpoint at {store / 'base' / 'model.safetensors'}")
+        engine, manifest = load_suite_engine(store, device=device)
+        spec = manifest["spec"]
+        img, patch = spec["dataset"]["img_size"], spec["model"]["patch_size"]
+        if labelled is not None and labelled[0] != spec["dataset"]["name"]:
+            labelled = None  # another dataset's labels: not this suite's tasks
+    else:
+        engine = synthetic_engine(model, 16, 5, 0.9, seed=seed, device=device)
+        store, patch = None, 16
+        labelled = None  # a random model has no metric
+    if labelled is not None:
+        dataset, root, split, ids = labelled
+        frames, labels = _sequence_items(dataset, root, split, ids, engine.tasks, img)
+        content = tuple(frames.shape[-2:])
+    else:
+        frames, content = prepare_frames(read_frames(path), img, patch)
+        labels = None
+    if frames.shape[0] < 2:
+        raise BenchInputError(f"--video: {path} has {frames.shape[0]} frame; a stream needs at least 2")
+    return engine, frames, labels, labelled, content, store, img
+
+
+def bench_video(path: str | Path, workdir: str | Path | None = None, model: str = "vit_small", img: int = 224,
+                keyframe_every: int = 8, split_layer: int | None = None, tolerance: float = 0.01,
+                device: str = "cpu", threads: int | None = None, log: Callable[[str], None] | None = None) -> dict:
+    """Per frame, side by side in one process: N independent dense models, the engine frame by
+    frame, and the temporal stream (the ``bench --video --format json`` object)."""
+    from mtshare import flops
+    from mtshare.bench import BenchInputError
+
+    log = log or (lambda s: None)
+    if keyframe_every < 1:
+        raise BenchInputError(f"--keyframe-every: must be >= 1, got {keyframe_every}")
+    if threads:
+        torch.set_num_threads(threads)
+    path = Path(path)
+    engine, frames, labels, labelled, content, store, img = _load(path, workdir, model, img, device)
+    depth = engine.cfg.depth
+    if split_layer is not None and not 0 <= split_layer <= depth:
+        raise BenchInputError(f"--split-layer: must be in [0, {depth}], got {split_layer}")
+    split_layer = depth // 2 if split_layer is None else split_layer
+    names = engine.tasks
+    _, source, calibration = temporal_thresholds(engine, store, path, labelled, img, keyframe_every, split_layer,
+                                                 tolerance, log=log)
+    frames = frames.to(device)
+    size = frames.shape[-1]
+    log(f"{len(frames)} frames {size}x{size}, {len(names)} tasks; temporal τ: {source}")
+    dense = {t: engine.dense_model(t) for t in names}
+    dense_flops = sum(flops.dense_flops(dense[t], size) for t in names)
+
+    # Pass 1 (untimed): outputs and FLOPs, every frame.
+    engine.collect_stats = True
+    stream = engine.stream(keyframe_every, split_layer, collect_stats=True)
+    engine_flops, stream_flops, rows = [], [], {t: [] for t in names}
+    outs = {"engine": {t: [] for t in names}, "stream": {t: [] for t in names}}
+    with torch.inference_mode():
+        for f, frame in enumerate(frames):
+            for kind, out in (("engine", engine(frame[None])), ("stream", stream.push(frame))):
+                for t in names:
+                    outs[kind][t].append(out[t].cpu())
+            engine_flops.append(sum(s.executed_flops for s in engine.last_stats.values()))
+            stream_flops.append(sum(stream.last_flops.values()))
+            if f % keyframe_every:
+                for t in names:
+                    if stream.last_rows.get(t) is not None:
+                        rows[t].append(stream.last_rows[t])
+    metrics = None
+    if labels is not None:
+        dataset = labelled[0]
+        metrics = {}
+        options = meter_options(store)
+        for t in names:
+            fn = task_metric(t, dataset, options.get(t))
+            e, s = fn(outs["engine"][t], labels[t]), fn(outs["stream"][t], labels[t])
+            metrics[t] = {"engine": e, "stream": s, "rel_change": (s - e) / abs(e) if e else None}
+    err = {t: float((torch.cat(outs["stream"][t]) - torch.cat(outs["engine"][t])).norm()
+                    / torch.cat(outs["engine"][t]).norm().clamp_min(1e-30)) for t in names}
+    del outs
+
+    # Pass 2 (timed): per frame, the three in turn (order alternating), stats off.
+    engine.collect_stats = False
+    stream = engine.stream(keyframe_every, split_layer)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    times = {"independent": [], "engine": [], "stream": []}
+    runs = {"independent": lambda x: [dense[t](x[None]) for t in names], "engine": lambda x: engine(x[None]),
+            "stream": stream.push}
+    with torch.inference_mode():
+        for t in names:  # warm-up (not the stream: its state is the video's)
+            dense[t](frames[:1])
+        engine(frames[:1])
+        for f, frame in enumerate(frames):
+            order = ("independent", "engine", "stream") if f % 2 == 0 else ("stream", "engine", "independent")
+            for kind in order:
+                t0 = time.perf_counter()
+                runs[kind](frame)
+                sync()
+                times[kind].append((time.perf_counter() - t0) * 1e3)
+    ms = {k: statistics.fmean(v) for k, v in times.items()}
+    eng_f, str_f = statistics.fmean(engine_flops), statistics.fmean(stream_flops)
+    return {
+        "config": {"video": str(path), "frames": len(frames), "img": size, "content": list(content),
+                   "source": str(workdir) if workdir else "synthetic (random weights, 90 % sparse random deltas)",
+                   "model": f"{engine.cfg.embed_dim}d/{depth}L" if workdir else model, "patch": engine.cfg.patch_size,
+                   "tasks": len(names), "task_names": names, "keyframe_every": keyframe_every,
+                   "split_layer": split_layer, "device": device, "threads": torch.get_num_threads(),
+                   "temporal_thresholds": source, "labelled": labels is not None},
+        "independent_ms": ms["independent"], "engine_ms": ms["engine"], "stream_ms": ms["stream"],
+        "time_ratio": ms["engine"] / ms["independent"],
+        "stream_time_ratio": ms["stream"] / ms["engine"],
+        "flops": {"independent": dense_flops, "engine": eng_f, "stream": str_f},
+        "flops_ratio": eng_f / dense_flops,
+        "stream_flops_ratio": str_f / eng_f,
+        "stream_flops_ratio_non_keyframes": (statistics.fmean([s for f, s in enumerate(stream_flops) if f % keyframe_every])
+                                             / statistics.fmean([e for f, e in enumerate(engine_flops) if f % keyframe_every]))
+        if len(frames) > 1 and keyframe_every > 1 else None,
+        "rows_recomputed": {t: (statistics.fmean(v) if v else None) for t, v in rows.items()},
+        "stream_output_rel_err": err,
+        "metrics": metrics,
+        "calibration": None if calibration is None else {"scale": calibration["scale"],
+                                                         "metric_ref": calibration["metric_ref"],
+                                                         "metric": calibration["metric"]},
+    }
+
+
+def format_video_table(r: dict) -> str:
+    c = r["config"]
+    gf = 1e9
+    lines = [
+        f"bench --video {c['video']}: {c['frames']} frames {c['img']}x{c['img']}, {c['tasks']} tasks, "
+        f"{c['source']}; keyframe every {c['keyframe_every']}, split layer {c['split_layer']}, "
+        f"{c['device']} {c['threads']} threads",
+        f"temporal thresholds: {c['temporal_thresholds']}"
+        + ("" if r["calibration"] is None else "; κ " + ", ".join(f"{t} {k:.3g}" for t, k in r["calibration"]["scale"].items())),
+        "",
+        f"{'per frame':28s}{'mean ms':>10s}{'GFLOPs':>10s}",
+        f"{'independent (' + str(c['tasks']) + ' dense)':28s}{r['independent_ms']:10.2f}{r['flops']['independent'] / gf:10.3f}",
+        f"{'engine, frame by frame':28s}{r['engine_ms']:10.2f}{r['flops']['engine'] / gf:10.3f}",
+        f"{'stream':28s}{r['stream_ms']:10.2f}{r['flops']['stream'] / gf:10.3f}",
+        "",
+        f"stream / engine: FLOPs {r['stream_flops_ratio']:.3f}, time {r['stream_time_ratio']:.3f}"
+        + (f" (FLOPs on non-keyframes {r['stream_flops_ratio_non_keyframes']:.3f})"
+           if r["stream_flops_ratio_non_keyframes"] is not None else "")
+        + f" | engine / independent: FLOPs {r['flops_ratio']:.3f}, time {r['time_ratio']:.3f}",
+        "",
+        f"{'task':14s}{'rows recomputed':>16s}{'out rel err':>12s}" + (f"{'engine':>10s}{'stream':>10s}{'change':>9s}"
+                                                                      if r["metrics"] else ""),
+    ]
+    for t in c["task_names"]:
+        rows = r["rows_recomputed"][t]
+        line = f"{t:14s}{'-' if rows is None else f'{rows:.3f}':>16s}{r['stream_output_rel_err'][t]:12.4f}"
+        if r["metrics"]:
+            m = r["metrics"][t]
+            change = "-" if m["rel_change"] is None else f"{100 * m['rel_change']:+.2f}%"
+            line += f"{m['engine']:10.4f}{m['stream']:10.4f}{change:>9s}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def infer_video(workdir: str | Path, path: str | Path, out_dir: str | Path, keyframe_every: int = 8,
+                split_layer: int | None = None, tolerance: float = 0.01, fps: float = 8.0,
+                log: Callable[[str], None] | None = None) -> Path:
+    """Every task of a trained suite on a video through the stream: ``<out>/frames/<n>.png``
+    (input + one picture per task) and ``<out>/animation.gif`` of the panels. Returns the GIF."""
+    from PIL import Image
+
+    from mtshare.visualize import colorize, save_panel, to_prediction
+
+    log = log or (lambda s: None)
+    path, out_dir = Path(path), Path(out_dir)
+    engine, frames, _, labelled, (ch, cw), store, img = _load(path, workdir, "", 0, "cpu")
+    _, source, _ = temporal_thresholds(engine, store, path, labelled, img, keyframe_every, split_layer, tolerance,
+                                       log=log)
+    log(f"{len(frames)} frames; temporal τ: {source}")
+    rgb_frames = read_frames(path)[:len(frames)] if labelled is None else None
+    stream = engine.stream(keyframe_every, split_layer)
+    panels = []
+    for f, frame in enumerate(frames):
+        outputs = stream.push(frame)
+        if rgb_frames is not None:
+            rgb = rgb_frames[f]
+        else:  # a labelled sequence was read through its loader: undo the normalisation for display
+            from mtshare.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+            img = frame[:, :ch, :cw].permute(1, 2, 0).numpy() * IMAGENET_STD + IMAGENET_MEAN
+            rgb = np.clip(img * 255, 0, 255).round().astype(np.uint8)
+        pictures = {}
+        for task, out in outputs.items():
+            out = F.interpolate(out[:, :, :ch, :cw], size=rgb.shape[:2], mode="bilinear", align_corners=False)[0]
+            pictures[task] = colorize(task, to_prediction(task, out))
+        panel = out_dir / "frames" / f"{f:06d}.png"
+        save_panel(panel, rgb, pictures)
+        panels.append(panel)
+    gif = out_dir / "animation.gif"
+    images = [Image.open(p).convert("RGB") for p in panels]
+    images[0].save(gif, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+    (out_dir / "stream.json").write_text(json.dumps({"frames": len(panels), "keyframe_every": keyframe_every,
+                                                     "split_layer": stream.split_layer,
+                                                     "temporal_thresholds": source}, indent=1))
+    return gif

@@ -1,0 +1,113 @@
+"""bench --video and infer --video on a tiny trained suite: labelled sequences (calibrated
+temporal τ, metrics), an unlabelled folder (τ = 0: the stream is exact), a video file, the
+animation, and bad input."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mtshare.data import synthesize_sequences
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def suite_dir(tiny_suite, tmp_path_factory):
+    from cluster.run import run_suite
+    from mtshare.config import validate_suite
+
+    tmp = tmp_path_factory.mktemp("videosuite")
+    cfg = validate_suite(tiny_suite("video", tasks=("sal",), steps=("step1",), iters=2), workdir=str(tmp))
+    assert run_suite(cfg, tmp, progress=False, executor="inprocess") == 0
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def frames_root(tmp_path_factory):
+    """Static-camera sequences in the PASCAL-Context layout at the suite's size (32 px)."""
+    return synthesize_sequences("pascal_context", tmp_path_factory.mktemp("vid") / "seqs", sequences=4, frames=6,
+                                size=32, seed=2, camera="static")
+
+
+def _launcher(*args):
+    return subprocess.run([sys.executable, "-m", "launcher", *args], cwd=REPO, capture_output=True, text=True)
+
+
+def _val_sequence(root: Path) -> Path:
+    seq = (root / "ImageSets/Context/val.txt").read_text().split()[0].split("/")[0]
+    return root / "JPEGImages" / seq
+
+
+def test_bench_video_on_a_labelled_sequence(suite_dir, frames_root):
+    r = _launcher("bench", "--video", str(_val_sequence(frames_root)), "--workdir", str(suite_dir),
+                  "--keyframe-every", "3", "--split-layer", "0", "--threads", "1", "--format", "json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    for key in ("independent_ms", "engine_ms", "stream_ms", "stream_flops_ratio", "stream_time_ratio"):
+        assert out[key] > 0, key
+    assert out["config"]["labelled"] and out["config"]["frames"] == 6
+    assert "calibrated on train sequences" in out["config"]["temporal_thresholds"]
+    assert out["stream_flops_ratio"] == pytest.approx(out["flops"]["stream"] / out["flops"]["engine"])
+    assert set(out["metrics"]) == {"semseg", "sal"}
+    for m in out["metrics"].values():
+        assert 0 <= m["engine"] <= 1 and 0 <= m["stream"] <= 1
+
+
+def test_bench_video_unlabelled_folder_and_video_file_run_exact(suite_dir, frames_root, tmp_path):
+    """Outside a dataset layout there is nothing to calibrate on: τ = 0, and the stream's
+    outputs are the engine's, frame by frame (split layer = depth: the sub-task takes its task
+    deltas, at its stored operating point, in every block, as the engine does)."""
+    folder = Path(shutil.copytree(_val_sequence(frames_root), tmp_path / "clip"))
+    r = _launcher("bench", "--video", str(folder), "--workdir", str(suite_dir), "--keyframe-every", "4",
+                  "--split-layer", "4", "--threads", "1", "--format", "json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["config"]["temporal_thresholds"].startswith("none") and out["metrics"] is None
+    assert max(out["stream_output_rel_err"].values()) < 1e-5
+
+    import cv2
+
+    video = tmp_path / "clip.mp4"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 8, (32, 32))
+    for p in sorted(folder.iterdir()):
+        writer.write(np.asarray(Image.open(p))[..., ::-1])
+    writer.release()
+    r = _launcher("bench", "--video", str(video), "--model", "vit_debug", "--img", "32", "--keyframe-every", "2",
+                  "--threads", "1", "--format", "json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["config"]["frames"] == 6 and out["config"]["source"].startswith("synthetic")
+    assert max(out["stream_output_rel_err"].values()) < 1e-5
+
+
+def test_infer_video_writes_panels_and_the_animation(suite_dir, frames_root, tmp_path):
+    r = _launcher("infer", "--workdir", str(suite_dir), "--video", str(_val_sequence(frames_root)),
+                  "--out", str(tmp_path / "out"), "--keyframe-every", "3")
+    assert r.returncode == 0, r.stderr
+    gif = Path(r.stdout.strip().splitlines()[-1])
+    assert gif == tmp_path / "out" / "animation.gif"
+    with Image.open(gif) as im:
+        assert im.n_frames == 6
+    panels = sorted((tmp_path / "out" / "frames").glob("*.png"))
+    assert len(panels) == 6
+    first, last = (np.asarray(Image.open(p)) for p in (panels[0], panels[-1]))
+    assert first.shape == last.shape and not np.array_equal(first, last)  # the objects moved
+
+
+@pytest.mark.parametrize("args, names", [
+    (["bench", "--video", "/nonexistent/clip", "--model", "vit_debug", "--img", "32"], "/nonexistent/clip"),
+    (["bench", "--video", "EMPTY", "--model", "vit_debug", "--img", "32"], "no frames"),
+    (["bench", "--video", "EMPTY", "--model", "vit_debug", "--keyframe-every", "0"], "--keyframe-every"),
+])
+def test_video_bad_input(args, names, tmp_path):
+    (tmp_path / "empty").mkdir()
+    args = [str(tmp_path / "empty") if a == "EMPTY" else a for a in args]
+    r = _launcher(*args)
+    assert r.returncode == 2, r.stderr
+    assert names in r.stderr and r.stderr.strip().count("\n") == 0
+
