@@ -124,8 +124,14 @@ def check_data(cfg: SuiteConfig) -> None:
     check_dataset(cfg.dataset.name, cfg.dataset.root, max_decode=DATA_CHECK_IDS)
     from mtshare.data import build_dataset
 
-    n_train = len(build_dataset(cfg.dataset.name, cfg.dataset.root, "train", [], train=False,
-                                img_size=cfg.dataset.img_size))
+    train = build_dataset(cfg.dataset.name, cfg.dataset.root, "train", [], train=False, img_size=cfg.dataset.img_size)
+    n_train = len(train)
+    if cfg.stream is not None:
+        from mtshare.data import sequences
+
+        if not sequences(train.ids):
+            raise ConfigError(f"stream: dataset.root {cfg.dataset.root} has no frame sequences (ids "
+                              f"<sequence>/<frame>: `data synth --sequences`, README \"Frame sequences\")")
     global_batch = max(cfg.optim_for(t, k).batch_size for t in [cfg.base_task, *cfg.tasks]
                        for k in ("base", "step0", *cfg.steps)) * cfg.resources.workers
     if n_train - cfg.dataset.holdout < global_batch:

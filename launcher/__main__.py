@@ -89,9 +89,10 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--video", help="a folder of frames or a video file: per-frame panels + animation.gif, "
                                      "through the temporal stream")
     i.add_argument("--out", required=True)
-    i.add_argument("--keyframe-every", type=int, default=8, help="--video: a full frame every K frames (default 8)")
+    i.add_argument("--keyframe-every", type=int, help="--video: a full frame every K frames (default: the suite's "
+                                                       "stream setting, else 8)")
     i.add_argument("--split-layer", type=int, help="--video: sub-tasks use their own temporal caches from this "
-                                                   "block on (default: half the depth)")
+                                                   "block on (default: the suite's, else half the depth)")
 
     b = sub.add_parser("bench", help="shared-inference benchmark: N dense models vs the shared engine")
     b.add_argument("--model", default="vit_small", choices=["vit_debug", "vit_tiny", "vit_small", "vit_base"])
@@ -105,9 +106,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--format", choices=["table", "json"], default="table")
     b.add_argument("--video", help="a folder of frames or a video file: N dense models vs the engine frame by frame "
                                    "vs the temporal stream, per frame")
-    b.add_argument("--keyframe-every", type=int, default=8, help="--video: a full frame every K frames (default 8)")
+    b.add_argument("--keyframe-every", type=int, help="--video: a full frame every K frames (default: the suite's "
+                                                       "stream setting, else 8)")
     b.add_argument("--split-layer", type=int, help="--video: sub-tasks use their own temporal caches from this block "
-                                                   "on (default: half the depth)")
+                                                   "on (default: the suite's, else half the depth)")
     b.add_argument("--tolerance", type=float, default=0.01,
                    help="--video: relative metric loss allowed when calibrating temporal thresholds (default 0.01)")
 

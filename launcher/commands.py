@@ -235,7 +235,7 @@ def cmd_infer(args) -> int:
         from mtshare.bench import BenchInputError
         from mtshare.video import infer_video
 
-        if args.keyframe_every < 1:
+        if args.keyframe_every is not None and args.keyframe_every < 1:
             raise UserError(f"--keyframe-every: must be >= 1, got {args.keyframe_every}")
         try:
             gif = infer_video(workdir, args.video, args.out, args.keyframe_every, args.split_layer,

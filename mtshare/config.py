@@ -32,9 +32,12 @@ class _Strict(BaseModel):
 class SynthConfig(_Strict):
     """Generate a synthetic dataset at ``dataset.root`` when it does not exist yet."""
 
-    n: int = Field(160, gt=0, description="number of images (train + val)")
+    n: int = Field(160, gt=0, description="number of images (train + val); ignored with sequences")
     size: int = Field(64, gt=0, description="image side in pixels")
     seed: int = 0
+    sequences: int | None = Field(None, ge=2, description="write frame sequences (video) instead of still images")
+    frames: int = Field(16, ge=2, description="frames per sequence")
+    camera: Literal["moving", "static"] = Field("moving", description="sequences: camera motion")
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
@@ -152,6 +155,21 @@ class CalibrationConfig(_Strict):
                             "on a small holdout: see docs/method.md)")
 
 
+class StreamConfig(_Strict):
+    """Video streams (``mtshare.stream``): on a dataset of frame sequences, the base stage and
+    every sub-task's last sharing step calibrate their temporal τ on the holdout frames (the
+    base's first: it feeds the sub-tasks) and measure the stream on the whole val split, clip
+    by clip; ``report`` shows the per-frame figures. Keyframe interval and split layer are
+    suite-wide: the served stream runs with them."""
+
+    keyframe_every: int = Field(8, ge=1, description="a full frame every K frames")
+    split_layer: int | None = Field(None, ge=0, description="sub-tasks use their own temporal caches from this block "
+                                    "on (default: half the depth)")
+    tolerance: float = Field(0.01, gt=0, lt=1, description="allowed relative metric loss vs the stream at τ = 0")
+    margin: float = Field(0.5, gt=0, le=1, description="calibrate to margin × tolerance")
+    steps: int = Field(8, gt=0, description="bisection steps on κ")
+
+
 class StagesConfig(_Strict):
     base: OptimConfig = OptimConfig()
     step0: OptimConfig = OptimConfig()
@@ -190,6 +208,8 @@ class SuiteConfig(_Strict):
     precision: Literal["fp32", "bf16"] = "fp32"
     seed: int = 0
     calibration: CalibrationConfig = CalibrationConfig()
+    stream: StreamConfig | None = Field(None, description="video: calibrate and measure the temporal stream "
+                                        "(the dataset must hold frame sequences)")
     resources: ResourcesConfig = ResourcesConfig()
     deepspeed: str = Field("configs/deepspeed/zero2.json", description="DeepSpeed JSON (ZeRO stage etc.)")
     storage: str | None = Field(None, description="local path or s3://bucket/prefix; default {workdir}/store")
@@ -226,6 +246,13 @@ class SuiteConfig(_Strict):
             raise ValueError(
                 f"dataset.img_size {self.dataset.img_size} is not divisible by model.patch_size {self.model.patch_size}"
             )
+        if self.stream is not None and self.stream.split_layer is not None:
+            from mtshare.models.vit import FLAVORS
+
+            depth = FLAVORS.get(self.model.flavor, {}).get("depth")
+            if depth is not None and self.stream.split_layer > depth:
+                raise ValueError(f"stream.split_layer: {self.stream.split_layer} is beyond the {depth} blocks of "
+                                 f"{self.model.flavor}")
         for task, per_stage in self.task_overrides.items():
             if task not in self.tasks and task != self.base_task:
                 raise ValueError(f"task_overrides.{task}: not a task of this suite")

@@ -269,6 +269,7 @@ class SharedEngine(nn.Module):
         self.thresholds: dict[str, dict[str, float]] = {t: {} for t in subtasks}
         # video streams: temporal τ by task (base included), then by layer (mtshare.stream)
         self.temporal_thresholds: dict[str, dict[str, float]] = {}
+        self.stream_settings: dict | None = None  # {"keyframe_every", "split_layer"} the stored τ were calibrated for
         self._fit_density: dict[str, float | dict[str, float]] | None = None
         self._head_flops: dict[tuple, float] = {}
         self._wt_cache: dict[str, torch.Tensor] = {}

@@ -40,7 +40,8 @@ def final_stages(results: dict[str, dict]) -> dict[str, dict]:
 def load_suite_engine(store: str | Path, device: str | torch.device = "cpu", **engine_kw) -> tuple[SharedEngine, dict]:
     """The trained suite as it is served: one :class:`SharedEngine` over the base and the last
     sharing step of every sub-task, each at its stored operating point (τ from its checkpoint's
-    manifest; τ = 0, exact, for a step that has none). Every file is verified against the
+    manifest; τ = 0, exact, for a step that has none), and, for a video suite, each task's
+    temporal τ (``engine.temporal_thresholds``, ``engine.stream_settings``). Every file is verified against the
     checksum in its result. Returns (engine, base manifest)."""
     store = Path(store)
     results = load_results(store)
@@ -53,7 +54,14 @@ def load_suite_engine(store: str | Path, device: str | torch.device = "cpu", **e
                                            subtask_sha256={t: r["checksum"] for t, r in served.items()}, **engine_kw)
     for task, path in paths.items():
         engine.set_thresholds(task, (ckpt.read_manifest(path).get("operating_point") or {}).get("tau") or {})
-    return engine, ckpt.read_manifest(base_path)
+    # Video suites: each task's temporal τ and the stream settings they were calibrated for.
+    base_manifest = ckpt.read_manifest(base_path)
+    for task, path in {engine.base_task: base_path, **paths}.items():
+        stream = base_manifest.get("stream") if path == base_path else ckpt.read_manifest(path).get("stream")
+        if stream:
+            engine.temporal_thresholds[task] = stream["tau"]
+            engine.stream_settings = {"keyframe_every": stream["keyframe_every"], "split_layer": stream["split_layer"]}
+    return engine, base_manifest
 
 
 def prepare_image(path: Path, size: int, patch: int) -> tuple[torch.Tensor, np.ndarray, tuple[int, int]]:

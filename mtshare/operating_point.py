@@ -118,3 +118,77 @@ def operating_point(engine: SharedEngine, task: str, calib: tuple[torch.Tensor, 
     return {"tau": tau, "value": at_tau["value"], "value_exact": exact["value"], "flops": at_tau["flops"],
             "flops_exact": exact["flops"], "rows_skipped": at_tau["rows_skipped"], "paths": at_tau["paths"],
             "calibration": {**cal, "target_tolerance": tolerance, "margin": margin}}
+
+
+# --- video streams ------------------------------------------------------------------------------
+
+
+def sequence_clips(items, task: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The frames of a dataset (or a ``Subset`` of one) grouped into clips, one per sequence,
+    in frame order: ``[(images [T, 3, S, S], targets [T, ...])]``; [] for still images."""
+    from torch.utils.data import Subset
+
+    from mtshare.data.clips import frame_number
+
+    ds, indices = (items.dataset, list(items.indices)) if isinstance(items, Subset) else (items, range(len(items)))
+    groups: dict[str, list[tuple[int, int]]] = {}
+    for i in indices:
+        parsed = frame_number(ds.ids[i])
+        if parsed is None:
+            return []
+        groups.setdefault(parsed[0], []).append((parsed[1], i))
+    clips = []
+    for frames in groups.values():
+        batch = [ds[i] for _, i in sorted(frames)]
+        clips.append((torch.stack([b["image"] for b in batch]), torch.stack([b[task] for b in batch])))
+    return clips
+
+
+def stream_point(engine: SharedEngine, task: str, calib: list[tuple[torch.Tensor, torch.Tensor]],
+                 val: list[tuple[torch.Tensor, torch.Tensor]], dataset: str, keyframe_every: int,
+                 split_layer: int | None, tolerance: float, margin: float = 0.5, steps: int = 8,
+                 meter_options: Mapping | None = None) -> dict:
+    """A task's video stream: temporal τ calibrated on the ``calib`` clips (the holdout frames:
+    ``margin × tolerance`` of the stream's own τ = 0 metric, ``mtshare.stream.calibrate_stream``;
+    the other tasks' ``engine.temporal_thresholds`` stay), then measured on the ``val`` clips,
+    each streamed from a keyframe, beside the engine run frame by frame. Per frame FLOPs."""
+    from mtshare.stream import VideoStream, calibrate_stream
+
+    spec = get_task(task)
+    sign = 1.0 if spec.higher_is_better else -1.0
+
+    def metric(t: str, clips: list[int], outputs: list[torch.Tensor]) -> float:
+        meter = _meter(task, dataset, meter_options)
+        meter.update(torch.cat(outputs).float().cpu(), torch.cat([calib[c][1] for c in clips]))
+        return sign * float(meter.compute())
+
+    summary = calibrate_stream(engine, [c for c, _ in calib], metric, tolerance * margin, keyframe_every=keyframe_every,
+                               split_layer=split_layer, steps=steps, tasks=[task])
+    stream = VideoStream(engine, keyframe_every, split_layer, tasks=[task], collect_stats=True)
+    was, engine.collect_stats = engine.collect_stats, True
+    meters = {"stream": _meter(task, dataset, meter_options), "engine": _meter(task, dataset, meter_options)}
+    flops = {"stream": 0.0, "engine": 0.0}
+    rows, frames = [], 0
+    try:
+        for clip, target in val:
+            stream.reset()
+            for f, frame in enumerate(clip):
+                meters["stream"].update(stream.push(frame)[task].float().cpu(), target[f:f + 1])
+                meters["engine"].update(engine(frame[None], tasks=[task])[task].float().cpu(), target[f:f + 1])
+                flops["stream"] += stream.last_flops[task]
+                flops["engine"] += engine.last_stats[task].executed_flops
+                if f % keyframe_every and stream.last_rows.get(task) is not None:
+                    rows.append(stream.last_rows[task])
+                frames += 1
+    finally:
+        engine.collect_stats = was
+    if not frames:
+        raise ValueError(f"{task}: no val frames to stream")
+    return {"keyframe_every": keyframe_every, "split_layer": summary["split_layer"],
+            "tau": dict(engine.temporal_thresholds.get(task, {})), "scale": summary["scale"][task],
+            "value": float(meters["stream"].compute()), "value_engine": float(meters["engine"].compute()),
+            "flops": flops["stream"] / frames, "flops_engine": flops["engine"] / frames,
+            "rows_recomputed": sum(rows) / len(rows) if rows else None, "frames": frames, "clips": len(val),
+            "calibration": {"frames": sum(len(c) for c, _ in calib), "clips": len(calib), "tolerance": tolerance,
+                            "margin": margin, "metric_ref": sign * summary["metric_ref"][task],
+                            "metric": sign * summary["metric"][task]}}

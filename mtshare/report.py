@@ -10,6 +10,11 @@ token rows it skipped. A sharing step without an operating point (a suite stoppe
 last step) is shown with dense FLOPs and ``value`` = its exact metric.
 Δm averages over the sub-tasks that have a step0 reference (the base task is its own dense
 model, its contribution would be 0 by construction).
+
+A suite with a ``stream`` section (video, ``mtshare.stream``) adds per task ``stream``: the
+metric streamed over the val sequences at the stored temporal τ (``value``) beside the engine
+run frame by frame (``value_engine``), and both per-frame FLOPs; and ``suite.stream``: the
+per-frame FLOPs of all tasks streamed vs frame by frame.
 """
 from __future__ import annotations
 
@@ -53,6 +58,12 @@ def build_report(results: dict[str, dict]) -> dict:
         "params_dense": sum(r["params_dense"] for r in tasks.values()),
         "delta_m": None,
     }
+    streams = {t: r["stream"] for t, r in tasks.items() if r.get("stream")}
+    if streams and len(streams) == len(tasks):
+        suite["stream"] = {"keyframe_every": next(iter(streams.values()))["keyframe_every"],
+                           "flops": sum(v["flops"] for v in streams.values()),
+                           "flops_engine": sum(v["flops_engine"] for v in streams.values())}
+        suite["stream"]["flops_ratio"] = suite["stream"]["flops"] / max(suite["stream"]["flops_engine"], 1e-12)
     with_ref = {t: r for t, r in tasks.items() if r["reference"] is not None and r.get("stage", "").split("/")[-1] != "step0"}
     if with_ref:
         suite["delta_m"] = delta_m(
@@ -75,6 +86,8 @@ def _row(r: dict, ref: dict | None) -> dict:
         "params_stored": r["params_stored"], "params_dense": r["params_dense"],
         "stage": r["stage"],
     }
+    if r.get("stream"):
+        row["stream"] = {k: v for k, v in r["stream"].items() if k != "calibration"}
     if r["kind"] in ("step1", "step2", "step3"):
         row["value_exact"] = point["value_exact"] if point else r["metric"]
         row["tau"] = point["tau"] if point else None
@@ -124,4 +137,16 @@ def format_report(report: dict) -> str:
     )
     lines.append("sub-tasks: value at the operating point (stored τ) through the shared engine on the whole val "
                  "split; exact = τ 0; rows sk = token rows skipped (FLOPs-weighted); GFLOPs = executed per image")
+    if "stream" in s:
+        st = s["stream"]
+        lines += ["", f"video stream (val sequences, keyframe every {st['keyframe_every']}; per frame):",
+                  f"{'task':<12} {'streamed':>9} {'frame by frame':>15} {'rows recomp':>12} {'GFLOPs':>8} "
+                  f"{'frame by frame':>15} {'ratio':>6}"]
+        for t, r in report["tasks"].items():
+            v = r["stream"]
+            lines.append(f"{t:<12} {v['value']:>9.4f} {v['value_engine']:>15.4f} {pct(v['rows_recomputed']):>12} "
+                         f"{v['flops'] / 1e9:>8.4f} {v['flops_engine'] / 1e9:>15.4f} "
+                         f"{v['flops'] / max(v['flops_engine'], 1e-12):>6.3f}")
+        lines.append(f"suite: {st['flops'] / 1e9:.4f} GFLOPs/frame streamed vs {st['flops_engine'] / 1e9:.4f} frame by "
+                     f"frame ({st['flops_ratio']:.3f}x)")
     return "\n".join(lines)

@@ -17,7 +17,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from mtshare.config import CalibrationConfig, DatasetConfig, ModelConfig, OptimConfig, SuiteConfig
+from mtshare.config import CalibrationConfig, DatasetConfig, ModelConfig, OptimConfig, StreamConfig, SuiteConfig
 
 StageKind = Literal["base", "step0", "step1", "step2", "step3"]
 MODEL_FILE = "model.safetensors"
@@ -44,6 +44,7 @@ class StageSpec(BaseModel):
     base_key: str | None = None      # storage key of the frozen base checkpoint (sub-task steps)
     prev_key: str | None = None      # storage key of the previous step's output (step2, step3)
     calibration: CalibrationConfig | None = None  # the task's last sharing step: calibrate its operating point
+    stream: StreamConfig | None = None  # base and last sharing steps of a video suite: temporal τ + stream figures
 
     @property
     def output_dir_key(self) -> str:
@@ -67,6 +68,8 @@ class StageSpec(BaseModel):
         for section, keys in BOOKKEEPING.items():
             for key in keys:
                 d[section].pop(key, None)
+        if d.get("stream") is None:  # (absent before video streams: finished suites stay current)
+            d.pop("stream", None)
         if for_resume:
             d.pop("workers")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
@@ -80,7 +83,8 @@ def plan(cfg: SuiteConfig) -> list[StageSpec]:
     """The suite's stages in a valid execution order (dependencies first)."""
     common = dict(suite=cfg.name, dataset=cfg.dataset, model=cfg.model, device=cfg.device,
                   precision=cfg.precision, seed=cfg.seed, workers=cfg.resources.workers)
-    base = StageSpec(name="base", task=cfg.base_task, kind="base", optim=cfg.optim_for(cfg.base_task, "base"), **common)
+    base = StageSpec(name="base", task=cfg.base_task, kind="base", optim=cfg.optim_for(cfg.base_task, "base"),
+                     stream=cfg.stream, **common)
     stages = [base]
     if cfg.references:
         for t in cfg.tasks:
@@ -92,7 +96,8 @@ def plan(cfg: SuiteConfig) -> list[StageSpec]:
             spec = StageSpec(
                 name=stage_name(t, kind), task=t, kind=kind, optim=cfg.optim_for(t, kind), depends_on=deps,
                 base_key=base.output_key, prev_key=prev.output_key if prev else None,
-                calibration=cfg.calibration if kind == cfg.steps[-1] else None, **common,
+                calibration=cfg.calibration if kind == cfg.steps[-1] else None,
+                stream=cfg.stream if kind == cfg.steps[-1] else None, **common,
             )
             stages.append(spec)
             prev = spec

@@ -205,12 +205,12 @@ class VideoStream:
 # --- calibration --------------------------------------------------------------------------------
 
 
-def _change_scales(engine: SharedEngine, clips: Iterable[torch.Tensor], keyframe_every: int,
-                   split_layer: int) -> dict[str, dict[str, float]]:
+def _change_scales(engine: SharedEngine, clips: Iterable[torch.Tensor], keyframe_every: int, split_layer: int,
+                   thresholds: Mapping[str, Mapping[str, float]], tasks: list[str]) -> dict[str, dict[str, float]]:
     """Per task and layer, the median over rows of the max-abs change of the layer's input
-    between consecutive frames, streamed at τ = 0 over ``clips``: a row's typical change (on a
-    still background mostly sensor noise), the unit in which τ is set."""
-    stream = VideoStream(engine, keyframe_every, split_layer, thresholds={})
+    between consecutive frames, streamed over ``clips`` (τ = 0 but for ``thresholds``): a row's
+    typical change (on a still background mostly sensor noise), the unit in which τ is set."""
+    stream = VideoStream(engine, keyframe_every, split_layer, thresholds=thresholds, tasks=tasks)
     changes: dict[tuple[str, str], list[torch.Tensor]] = {}
     rows = stream._rows
 
@@ -238,7 +238,8 @@ MetricFn = Callable[[str, list[int], list[torch.Tensor]], float]
 
 def calibrate_stream(engine: SharedEngine, clips: list[torch.Tensor], metric: MetricFn, tolerance: float = 0.01,
                      *, keyframe_every: int = 8, split_layer: int | None = None, steps: int = 8,
-                     scale_range: tuple[float, float] = (0.05, 20.0), log: Callable[[str], None] | None = None) -> dict:
+                     scale_range: tuple[float, float] = (0.05, 20.0), tasks: list[str] | None = None,
+                     log: Callable[[str], None] | None = None) -> dict:
     """Temporal τ for every task and layer such that each task's metric, streamed over ``clips``
     (frames ``[T, 3, H, W]`` each), stays within ``tolerance`` (relative) of the same stream's
     metric at τ = 0; sets ``engine.temporal_thresholds`` and returns ``{"scale": {task: κ},
@@ -262,9 +263,14 @@ def calibrate_stream(engine: SharedEngine, clips: list[torch.Tensor], metric: Me
     frames) passes on one set by luck far more often than on each of its parts. The base's τ feeds the sub-tasks (patch
     embedding, blocks before ``split_layer``): a last pass checks the chosen κ together and
     halves those that fail (at most 3 times; then τ = 0 for them).
+
+    ``tasks``: calibrate only these (and stream only their heads); the others keep their
+    ``engine.temporal_thresholds`` (a suite calibrates the base first, then each sub-task on
+    top of it).
     """
     split_layer = engine.cfg.depth // 2 if split_layer is None else split_layer
-    tasks = engine.tasks
+    tasks = list(tasks) if tasks is not None else engine.tasks
+    fixed = {t: dict(v) for t, v in engine.temporal_thresholds.items() if t not in tasks}
     parts = [list(range(len(clips)))] + ([[c] for c in range(len(clips))] if len(clips) > 1 else [])
     log = log or (lambda _: None)
 
@@ -272,11 +278,11 @@ def calibrate_stream(engine: SharedEngine, clips: list[torch.Tensor], metric: Me
         return {t: [metric(t, part, [out[t] for c in part for out in outputs_by_clip[c]]) for part in parts]
                 for t in tasks}
 
-    scales = _change_scales(engine, clips, keyframe_every, split_layer)
+    scales = _change_scales(engine, clips, keyframe_every, split_layer, fixed, tasks)
 
     def run(kappa: dict[str, float]) -> tuple[dict, dict[str, list[float]]]:
-        th = {t: {k: kappa[t] * v for k, v in scales.get(t, {}).items()} for t in tasks if kappa.get(t)}
-        stream = VideoStream(engine, keyframe_every, split_layer, thresholds=th)
+        th = {**fixed, **{t: {k: kappa[t] * v for k, v in scales.get(t, {}).items()} for t in tasks if kappa.get(t)}}
+        stream = VideoStream(engine, keyframe_every, split_layer, thresholds=th, tasks=tasks)
         outs = []
         for clip in clips:
             stream.reset()
@@ -286,7 +292,7 @@ def calibrate_stream(engine: SharedEngine, clips: list[torch.Tensor], metric: Me
     def feasible(t: str, m: dict[str, list[float]]) -> bool:
         return all(math.isfinite(v) and v >= r - tolerance * abs(r) for v, r in zip(m[t], reference[t]))
 
-    _, reference = run({})
+    _, reference = run({t: 0.0 for t in tasks})
     lo = {t: math.log(scale_range[0]) for t in tasks}
     hi = {t: math.log(scale_range[1]) for t in tasks}
     kappa = {t: 0.0 for t in tasks}

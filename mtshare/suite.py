@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from mtshare.config import SuiteConfig
-from mtshare.data import synthesize
+from mtshare.data import synthesize, synthesize_sequences
 from mtshare.stages import StageSpec
 from mtshare.train import Trainer
 
@@ -21,7 +21,11 @@ def ensure_dataset(cfg: SuiteConfig) -> None:
     root = Path(cfg.dataset.root)
     s = cfg.dataset.synthesize
     if s is not None and not root.exists():
-        synthesize(cfg.dataset.name, root, n=s.n, size=s.size, seed=s.seed)
+        if s.sequences:
+            synthesize_sequences(cfg.dataset.name, root, sequences=s.sequences, frames=s.frames, size=s.size,
+                                 seed=s.seed, camera=s.camera)
+        else:
+            synthesize(cfg.dataset.name, root, n=s.n, size=s.size, seed=s.seed)
 
 
 def run_stage(spec: StageSpec, store: Path, base_sha256: str | None = None,

@@ -457,8 +457,14 @@ class Trainer:
         dense = flops.dense_flops(dense_model, img)
         out = {"dense_flops": dense, "params_dense": flops.param_counts(dense_model)[1]}
         if not self.deltas:
-            return {**out, "flops": dense, "params_stored": out["params_dense"],
-                    "delta_weight_sparsity": None, "delta_activation_sparsity": None}
+            out = {**out, "flops": dense, "params_stored": out["params_dense"],
+                   "delta_weight_sparsity": None, "delta_activation_sparsity": None}
+            if self.spec.kind == "base" and self.spec.stream is not None:
+                enc = self.model.encoder
+                engine = SharedEngine(enc.cfg, self.spec.task, enc.state_dict(), self.model.head, {},
+                                      device=self.device)
+                out["stream"] = self._stream_point(engine)
+            return out
         eff = effective_deltas(self.deltas)
         out.update(params_stored=flops.param_counts(self.model, flops.delta_nnz(eff))[0],
                    delta_weight_sparsity=delta_sparsity(self.deltas), closed_at_end=self.closed_at_end)
@@ -472,8 +478,25 @@ class Trainer:
         point = op.operating_point(engine, self.spec.task, calib, DataLoader(self.full_val_set, batch_size=bs),
                                    self.spec.dataset.name, cal.tolerance, cal.margin, cal.steps, self._meter_options(),
                                    cal.per_layer)
-        return {**out, "flops": point["flops"], "delta_activation_sparsity": point["rows_skipped"],
-                "operating_point": point}
+        out = {**out, "flops": point["flops"], "delta_activation_sparsity": point["rows_skipped"],
+               "operating_point": point}
+        if self.spec.stream is not None:  # on top of the base's temporal τ (stored with the base)
+            base_stream = ckpt.read_manifest(self.base_path).get("stream") or {}
+            engine.temporal_thresholds = {engine.base_task: base_stream.get("tau") or {}}
+            out["stream"] = self._stream_point(engine)
+        return out
+
+    def _stream_point(self, engine: SharedEngine) -> dict:
+        """The task's video stream figures (``mtshare.operating_point.stream_point``): temporal τ
+        on the holdout frames, measured on the whole val split, sequence by sequence."""
+        s = self.spec.stream
+        calib = op.sequence_clips(self.holdout_set, self.spec.task)
+        val = op.sequence_clips(self.full_val_set, self.spec.task)
+        if not calib or not val:
+            raise StageFailure(f"{self.spec.name}: stream: the dataset at {self.spec.dataset.root} has no frame "
+                               f"sequences (ids <sequence>/<frame>; `data synth --sequences`)")
+        return op.stream_point(engine, self.spec.task, calib, val, self.spec.dataset.name, s.keyframe_every,
+                               s.split_layer, s.tolerance, s.margin, s.steps, self._meter_options())
 
     # --- the loop -------------------------------------------------------------------------
     def train(self) -> dict:
@@ -523,7 +546,8 @@ class Trainer:
         if self.is_rank_zero:
             result.update(self.figures())
         sha = self.save_model(self.out_dir / "model.safetensors",
-                              {"metric": metric, "result": result, "operating_point": result.get("operating_point")})
+                              {"metric": metric, "result": result, "operating_point": result.get("operating_point"),
+                               "stream": result.get("stream")})
         result["checksum"] = sha
         if self.is_rank_zero:
             ckpt.atomic_write_bytes(self.out_dir / "result.json", json.dumps(result, indent=1).encode())

@@ -6,7 +6,8 @@ already a dependency). A folder that is one sequence of a dataset in its real la
 see ``mtshare.data.clips``) has labels: its listed frames are read with them, through the
 dataset's own loader, and the stream's metric is measured.
 
-Temporal thresholds, in this order: the ones stored with the suite (``store/stream.json``);
+Temporal thresholds, in this order: the ones stored with the suite (a suite with a ``stream``
+section calibrates them on its holdout frames: ``mtshare.infer.load_suite_engine``);
 else, when the video's dataset has labelled *train* sequences (other than the video's own),
 calibrated on up to three of them, 32 frames each (``mtshare.stream.calibrate_stream`` at
 half the tolerance, as suites calibrate task thresholds; never on the measured frames); else none (τ = 0: every changed row is recomputed, the outputs are exact). The
@@ -30,7 +31,6 @@ from mtshare.data.transforms import normalize
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 LAYOUT_IMAGE_DIRS = {"JPEGImages": "pascal_context", "images": "nyud"}
 SPLIT_DIRS = {"pascal_context": "ImageSets/Context", "nyud": "gt_sets"}
-STREAM_FILE = "stream.json"  # in a suite's store: temporal τ and the stream's settings
 
 
 def read_frames(path: str | Path, max_frames: int | None = None) -> list[np.ndarray]:
@@ -135,10 +135,12 @@ def temporal_thresholds(engine, store: Path | None, path: Path, labelled, img_si
     from mtshare.stream import calibrate_stream
     from mtshare.tasks import get_task
 
-    stored = store / STREAM_FILE if store is not None else None
-    if stored is not None and stored.is_file():
-        engine.temporal_thresholds = json.loads(stored.read_text())["thresholds"]
-        return engine.temporal_thresholds, f"stored with the suite ({stored})", None
+    if engine.temporal_thresholds:
+        st = engine.stream_settings or {}
+        same = (st.get("keyframe_every"), st.get("split_layer")) == (keyframe_every, split_layer)
+        return engine.temporal_thresholds, ("stored with the suite" + ("" if same else
+                                            f" (calibrated for keyframe every {st.get('keyframe_every')}, split layer "
+                                            f"{st.get('split_layer')}: not these settings)")), None
     if labelled is not None:
         dataset, root, _, _ = labelled
         split_file = root / SPLIT_DIRS[dataset] / "train.txt"
@@ -199,8 +201,18 @@ def _load(path: Path, workdir: str | Path | None, model: str, img: int, device: 
     return engine, frames, labels, labelled, content, store, img
 
 
+def stream_settings(engine, keyframe_every: int | None, split_layer: int | None) -> tuple[int, int]:
+    """The stream's keyframe interval and split layer: as given, else as the suite stored them,
+    else every 8 frames and half the depth."""
+    stored = engine.stream_settings or {}
+    keyframe_every = keyframe_every or stored.get("keyframe_every") or 8
+    if split_layer is None:
+        split_layer = stored.get("split_layer")
+    return keyframe_every, engine.cfg.depth // 2 if split_layer is None else split_layer
+
+
 def bench_video(path: str | Path, workdir: str | Path | None = None, model: str = "vit_small", img: int = 224,
-                keyframe_every: int = 8, split_layer: int | None = None, tolerance: float = 0.01,
+                keyframe_every: int | None = None, split_layer: int | None = None, tolerance: float = 0.01,
                 device: str = "cpu", threads: int | None = None, log: Callable[[str], None] | None = None) -> dict:
     """Per frame, side by side in one process: N independent dense models, the engine frame by
     frame, and the temporal stream (the ``bench --video --format json`` object)."""
@@ -208,7 +220,7 @@ def bench_video(path: str | Path, workdir: str | Path | None = None, model: str 
     from mtshare.bench import BenchInputError
 
     log = log or (lambda s: None)
-    if keyframe_every < 1:
+    if keyframe_every is not None and keyframe_every < 1:
         raise BenchInputError(f"--keyframe-every: must be >= 1, got {keyframe_every}")
     if threads:
         torch.set_num_threads(threads)
@@ -217,7 +229,7 @@ def bench_video(path: str | Path, workdir: str | Path | None = None, model: str 
     depth = engine.cfg.depth
     if split_layer is not None and not 0 <= split_layer <= depth:
         raise BenchInputError(f"--split-layer: must be in [0, {depth}], got {split_layer}")
-    split_layer = depth // 2 if split_layer is None else split_layer
+    keyframe_every, split_layer = stream_settings(engine, keyframe_every, split_layer)
     names = engine.tasks
     _, source, calibration = temporal_thresholds(engine, store, path, labelled, img, keyframe_every, split_layer,
                                                  tolerance, log=log)
@@ -336,7 +348,7 @@ def format_video_table(r: dict) -> str:
 
 
 @torch.no_grad()
-def infer_video(workdir: str | Path, path: str | Path, out_dir: str | Path, keyframe_every: int = 8,
+def infer_video(workdir: str | Path, path: str | Path, out_dir: str | Path, keyframe_every: int | None = None,
                 split_layer: int | None = None, tolerance: float = 0.01, fps: float = 8.0,
                 log: Callable[[str], None] | None = None) -> Path:
     """Every task of a trained suite on a video through the stream: ``<out>/frames/<n>.png``
@@ -348,6 +360,7 @@ def infer_video(workdir: str | Path, path: str | Path, out_dir: str | Path, keyf
     log = log or (lambda s: None)
     path, out_dir = Path(path), Path(out_dir)
     engine, frames, _, labelled, (ch, cw), store, img = _load(path, workdir, "", 0, "cpu")
+    keyframe_every, split_layer = stream_settings(engine, keyframe_every, split_layer)
     _, source, _ = temporal_thresholds(engine, store, path, labelled, img, keyframe_every, split_layer, tolerance,
                                        log=log)
     log(f"{len(frames)} frames; temporal τ: {source}")

@@ -174,6 +174,14 @@ def missing_dataset_root(ctx):
     return ctx.run(ctx.config({"dataset.root": str(root)})), f"dataset.root: {root}"
 
 
+def stream_on_still_images(ctx):
+    return ctx.run(ctx.config({"stream": {"keyframe_every": 4}})), "stream: dataset.root"
+
+
+def stream_split_layer_beyond_depth(ctx):
+    return ctx.run(ctx.config({"stream": {"split_layer": 5}})), "stream.split_layer: 5 is beyond the 4 blocks"
+
+
 def holdout_leaves_no_batch(ctx):
     return ctx.run(ctx.config({"dataset.holdout": 100})), "dataset.holdout: 100 of the"
 
@@ -295,6 +303,8 @@ CASES = {
     "img-size-not-divisible": img_size_not_divisible,
     "missing-dataset-root": missing_dataset_root,
     "holdout-leaves-no-batch": holdout_leaves_no_batch,
+    "stream-on-still-images": stream_on_still_images,
+    "stream-split-layer-beyond-depth": stream_split_layer_beyond_depth,
     "split-lists-missing-files": split_lists_missing_files,
     "label-out-of-range": label_out_of_range,
     "yaml-not-a-mapping": yaml_not_a_mapping,

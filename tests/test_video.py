@@ -111,3 +111,54 @@ def test_video_bad_input(args, names, tmp_path):
     assert r.returncode == 2, r.stderr
     assert names in r.stderr and r.stderr.strip().count("\n") == 0
 
+
+
+def test_a_suite_trained_on_sequences_stores_and_reports_its_stream(tiny_suite, tmp_path, tiny_data):
+    """A suite with a `stream` section on a dataset of frame sequences: the base, then the
+    sub-task, calibrate their temporal τ on the holdout frames and measure the stream on the
+    val sequences; the τ are in the checkpoints, the figures in the report, and bench --video
+    serves them. On still images the same suite is refused before anything trains."""
+    from cluster.run import run_suite
+    from mtshare import checkpoint as ckpt
+    from mtshare.config import ConfigError, validate_suite
+    from mtshare.infer import load_suite_engine
+
+    root = synthesize_sequences("pascal_context", tmp_path / "data", sequences=6, frames=8, size=32, seed=4,
+                                camera="static")
+    raw = tiny_suite("videosuite", tasks=("sal",), steps=("step1",), iters=2,
+                     stream={"keyframe_every": 4, "split_layer": 0})
+    raw["dataset"] = {**raw["dataset"], "root": str(root), "holdout": 8}
+    cfg = validate_suite(raw, workdir=str(tmp_path / "run"))
+    assert run_suite(cfg, tmp_path / "run", progress=False, executor="inprocess") == 0
+    store = tmp_path / "run" / "store"
+    for stage in ("base", "sal/step1"):
+        stream = ckpt.read_manifest(store / stage / "model.safetensors")["stream"]
+        assert stream["keyframe_every"] == 4 and stream["split_layer"] == 0
+        assert stream["frames"] == 16 and stream["clips"] == 2  # the 2 val sequences, every frame
+        assert 0 < stream["flops"] <= stream["flops_engine"] * 1.5
+    engine, _ = load_suite_engine(store)
+    assert set(engine.temporal_thresholds) == {"semseg", "sal"}
+    assert engine.stream_settings == {"keyframe_every": 4, "split_layer": 0}
+
+    r = _launcher("report", "--workdir", str(tmp_path / "run"), "--format", "json")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert set(rep["tasks"]["sal"]["stream"]) >= {"value", "value_engine", "flops", "flops_engine", "tau"}
+    s = rep["suite"]["stream"]
+    assert s["flops"] == pytest.approx(sum(t["stream"]["flops"] for t in rep["tasks"].values()))
+    assert s["flops_ratio"] == pytest.approx(s["flops"] / s["flops_engine"])
+    text = _launcher("report", "--workdir", str(tmp_path / "run")).stdout
+    assert "video stream (val sequences, keyframe every 4" in text
+
+    val_seq = _val_sequence(root)
+    r = _launcher("bench", "--video", str(val_seq), "--workdir", str(tmp_path / "run"), "--threads", "1",
+                  "--format", "json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["config"]["temporal_thresholds"] == "stored with the suite"
+    assert out["config"]["keyframe_every"] == 4 and out["config"]["split_layer"] == 0
+
+    still = validate_suite(tiny_suite("stillstream", tasks=("sal",), steps=("step1",), iters=2,
+                                      stream={"keyframe_every": 4}), workdir=str(tmp_path / "still"))
+    with pytest.raises(ConfigError, match="no frame sequences"):  # found before anything trains
+        run_suite(still, tmp_path / "still", progress=False, executor="inprocess")
