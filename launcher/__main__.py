@@ -112,6 +112,9 @@ def _parser() -> argparse.ArgumentParser:
                                                    "on (default: the suite's, else half the depth)")
     b.add_argument("--tolerance", type=float, default=0.01,
                    help="--video: relative metric loss allowed when calibrating temporal thresholds (default 0.01)")
+    b.add_argument("--temporal-scale", type=float,
+                   help="--video: uncalibrated temporal τ = this × each layer's typical frame-to-frame change "
+                        "(synthetic benchmarks; no metric is checked)")
 
     u = sub.add_parser("ui", help="serve the MLflow UI of a run on 127.0.0.1")
     u.add_argument("--workdir")

@@ -265,7 +265,7 @@ def cmd_bench(args) -> int:
             from mtshare.video import bench_video, format_video_table
 
             result = bench_video(args.video, args.workdir, args.model, args.img, args.keyframe_every, args.split_layer,
-                                 args.tolerance, args.device, args.threads,
+                                 args.tolerance, args.device, args.threads, temporal_scale=args.temporal_scale,
                                  log=(lambda s: None) if args.format == "json" else (lambda s: print(s, file=sys.stderr)))
             print(json.dumps(json_safe(result)) if args.format == "json" else format_video_table(result))
             return 0

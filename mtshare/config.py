@@ -118,6 +118,11 @@ class OptimConfig(_Strict):
         "(weight act_l1)")
     act_row: float = Field(0.0, ge=0, description="step3 weight of the row penalty (act_penalty: row), relative to "
                            "the task loss: 1.0 adds the task loss x the mean relative row delta")
+    act_temporal: float | None = Field(
+        None, ge=0, description="step3 (act_penalty: row) on a dataset of frame sequences: weight of the temporal row "
+        "penalty (the same four linear inputs, ‖x_t − x_(t−1)‖₂ per token row between consecutive frames of the "
+        "sub-task, normalised like act_row), trained on 2-frame clips. null = act_row when the dataset has "
+        "sequences, else off; 0 = off")
     train_row_density: float | None = Field(
         None, gt=0, le=1, description="step3 (act_penalty: row): train through the engine's row skipping: at "
         "each of the four linear inputs only this fraction of token rows (largest delta first) keeps its own "

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Subset
 from mtshare import checkpoint as ckpt
 from mtshare import flops
 from mtshare import operating_point as op
-from mtshare.data import build_dataset
+from mtshare.data import ClipDataset, build_dataset, sequences
 from mtshare.engine import SharedEngine
 from mtshare.models import DenseTaskModel, build_model, load_pretrained
 from mtshare.models.delta import (
@@ -111,6 +111,21 @@ def activation_rows(sub: list[torch.Tensor], base: list[torch.Tensor]) -> torch.
         b = b.float()
         diff = (s.float() - b).flatten(0, -2)
         scale = b.flatten(0, -2).norm(dim=1).mean().clamp_min(1e-6)
+        terms.append(diff.norm(dim=1).mean() / scale)
+    return torch.stack(terms).mean()
+
+
+def temporal_rows(sub: list[torch.Tensor], base: list[torch.Tensor]) -> torch.Tensor:
+    """The temporal group lasso: the recorded inputs of a batch of 2-frame clips (frames
+    interleaved: clip 0 frame 0, clip 0 frame 1, …), per linear the mean over tokens of
+    ‖x_s,t − x_s,t−1‖₂ divided by the mean ‖x_b‖₂ of the base's rows, averaged over the linears
+    (``activation_rows``' normalisation). A row that does not change is a row a stream keeps
+    from its cache."""
+    terms = []
+    for s, b in zip(sub, base, strict=True):
+        s = s.float().unflatten(0, (-1, 2))
+        diff = (s[:, 1] - s[:, 0]).flatten(0, -2)
+        scale = b.float().flatten(0, -2).norm(dim=1).mean().clamp_min(1e-6)
         terms.append(diff.norm(dim=1).mean() / scale)
     return torch.stack(terms).mean()
 
@@ -261,12 +276,18 @@ class Trainer:
             build_dataset(d.name, d.root, "train", [self.spec.task], train=False, img_size=d.img_size),
             list(range(n_fit, len(train_set))))
         self.full_val_set = val_set
-        train_set = Subset(train_set, list(range(n_fit)))
+        self.act_temporal = self._act_temporal(train_set)
+        if self.act_temporal:  # 2-frame clips, as many frames per step as without
+            train_set = ClipDataset(train_set, clip_len=2, indices=list(range(n_fit)))
+            batch_size = max(1, self.spec.optim.batch_size // 2)
+        else:
+            train_set = Subset(train_set, list(range(n_fit)))
+            batch_size = self.spec.optim.batch_size
         self.train_sampler = torch.utils.data.DistributedSampler(
             train_set, num_replicas=self.world_size, rank=self.rank, shuffle=True, seed=self.spec.seed, drop_last=True
         )
         self.train_loader = DataLoader(
-            train_set, batch_size=self.spec.optim.batch_size, sampler=self.train_sampler, drop_last=True,
+            train_set, batch_size=batch_size, sampler=self.train_sampler, drop_last=True,
             num_workers=d.num_workers, persistent_workers=d.num_workers > 0,
         )
         # Validation: each rank takes a disjoint slice (no padding duplicates), counts are pooled.
@@ -274,6 +295,16 @@ class Trainer:
             Subset(val_set, list(range(self.rank, len(val_set), self.world_size))),
             batch_size=self.spec.optim.batch_size, num_workers=d.num_workers,
         )
+
+    def _act_temporal(self, train_set) -> float:
+        """Step3's temporal penalty weight: ``act_temporal``, or ``act_row`` when that is unset and
+        the dataset holds frame sequences; 0 outside step3 and for the element penalty."""
+        o = self.spec.optim
+        if self.spec.kind != "step3" or o.act_penalty != "row":
+            return 0.0
+        if o.act_temporal is not None:
+            return o.act_temporal
+        return o.act_row if sequences(list(train_set.ids)) else 0.0
 
     def _setup_optimizer(self, wrap) -> None:
         o = self.spec.optim
@@ -298,6 +329,9 @@ class Trainer:
         o = self.spec.optim
         x = batch["image"].to(self.device, non_blocking=True)
         target = batch[self.spec.task].to(self.device, non_blocking=True)
+        clips = x.dim() == 5  # [B, T, 3, H, W] (step3's temporal term): frames interleaved per clip
+        if clips:
+            x, target = x.flatten(0, 1), target.flatten(0, 1)
         self.model.train()
         for g in self.stepper.param_groups:
             g["lr"] = g["base_lr"] * lr_factor(self.iteration, o.iters, o.schedule, o.poly_power, o.warmup_iters)
@@ -326,6 +360,10 @@ class Trainer:
                     # in scale by 100x (normals' L1 vs edges' 50 x BCE)
                     act = activation_rows(sub_acts, base_acts)
                     loss = loss + o.act_row * task_loss.detach() * act
+                    if clips:
+                        temporal = temporal_rows(sub_acts, base_acts)
+                        loss = loss + self.act_temporal * task_loss.detach() * temporal
+                        logs["act_temporal"] = temporal.item()
                 else:
                     act = activation_l1(sub_acts, base_acts)
                     loss = loss + o.act_l1 * act

@@ -128,13 +128,21 @@ def meter_options(store: Path) -> dict[str, dict]:
 
 def temporal_thresholds(engine, store: Path | None, path: Path, labelled, img_size: int, keyframe_every: int,
                         split_layer: int | None, tolerance: float, margin: float = 0.5, calib_frames: int = 32,
-                        calib_sequences: int = 3,
+                        calib_sequences: int = 3, scale: float | None = None, frames: torch.Tensor | None = None,
                         log: Callable[[str], None] = lambda s: None) -> tuple[dict, str, dict | None]:
     """Set ``engine.temporal_thresholds`` (see the module docstring); returns (thresholds, where
-    they come from, the calibration summary or None)."""
-    from mtshare.stream import calibrate_stream
+    they come from, the calibration summary or None). ``scale``: instead, τ = κ × each layer's
+    typical frame-to-frame change measured on the first two keyframe intervals of ``frames``
+    (uncalibrated: no metric is checked; for synthetic benchmarks)."""
+    from mtshare.stream import _change_scales, calibrate_stream
     from mtshare.tasks import get_task
 
+    if scale is not None:
+        sample = frames[:2 * keyframe_every]
+        changes = _change_scales(engine, [sample], keyframe_every, split_layer, {}, engine.tasks)
+        engine.temporal_thresholds = {t: {k: scale * v for k, v in layers.items()} for t, layers in changes.items()}
+        return engine.temporal_thresholds, (f"uncalibrated: κ = {scale:g} × each layer's typical change on the first "
+                                            f"{len(sample)} frames (no metric checked)"), None
     if engine.temporal_thresholds:
         st = engine.stream_settings or {}
         same = (st.get("keyframe_every"), st.get("split_layer")) == (keyframe_every, split_layer)
@@ -213,7 +221,8 @@ def stream_settings(engine, keyframe_every: int | None, split_layer: int | None)
 
 def bench_video(path: str | Path, workdir: str | Path | None = None, model: str = "vit_small", img: int = 224,
                 keyframe_every: int | None = None, split_layer: int | None = None, tolerance: float = 0.01,
-                device: str = "cpu", threads: int | None = None, log: Callable[[str], None] | None = None) -> dict:
+                device: str = "cpu", threads: int | None = None, temporal_scale: float | None = None,
+                log: Callable[[str], None] | None = None) -> dict:
     """Per frame, side by side in one process: N independent dense models, the engine frame by
     frame, and the temporal stream (the ``bench --video --format json`` object)."""
     from mtshare import flops
@@ -231,8 +240,10 @@ def bench_video(path: str | Path, workdir: str | Path | None = None, model: str 
         raise BenchInputError(f"--split-layer: must be in [0, {depth}], got {split_layer}")
     keyframe_every, split_layer = stream_settings(engine, keyframe_every, split_layer)
     names = engine.tasks
+    if temporal_scale is not None and temporal_scale <= 0:
+        raise BenchInputError(f"--temporal-scale: must be > 0, got {temporal_scale}")
     _, source, calibration = temporal_thresholds(engine, store, path, labelled, img, keyframe_every, split_layer,
-                                                 tolerance, log=log)
+                                                 tolerance, scale=temporal_scale, frames=frames, log=log)
     frames = frames.to(device)
     size = frames.shape[-1]
     log(f"{len(frames)} frames {size}x{size}, {len(names)} tasks; temporal τ: {source}")

@@ -121,3 +121,20 @@ def test_synth_sequences_command(tmp_path):
     bad = run("--layout", "nyud", "--out", str(tmp_path / "bad"), "--sequences", "2", "--frames", "1")
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "frames" in bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_temporal_rows_by_hand():
+    """Two clips of two frames, one linear input of 2 tokens x 2 channels: the mean over tokens
+    of ‖x_t − x_(t−1)‖₂, over the mean norm of the base's rows."""
+    import torch
+
+    from mtshare.train import temporal_rows
+
+    sub = torch.tensor([[[0.0, 0.0], [1.0, 0.0]],  # clip 0, frame 0
+                        [[3.0, 4.0], [1.0, 0.0]],  # clip 0, frame 1: token 0 moved by 5, token 1 not
+                        [[1.0, 1.0], [0.0, 0.0]],  # clip 1, frame 0
+                        [[1.0, 1.0], [0.0, 2.0]]])  # clip 1, frame 1: token 1 moved by 2
+    base = torch.full((4, 2, 2), 0.0)
+    base[..., 0] = 2.0  # every base row has norm 2
+    expected = ((5.0 + 0.0 + 0.0 + 2.0) / 4) / 2.0
+    assert float(temporal_rows([sub], [base])) == pytest.approx(expected)

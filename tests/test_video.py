@@ -83,6 +83,13 @@ def test_bench_video_unlabelled_folder_and_video_file_run_exact(suite_dir, frame
     out = json.loads(r.stdout)
     assert out["config"]["frames"] == 6 and out["config"]["source"].startswith("synthetic")
     assert max(out["stream_output_rel_err"].values()) < 1e-5
+    # uncalibrated thresholds (synthetic benchmarks): rows are skipped, outputs move, FLOPs fall
+    r = _launcher("bench", "--video", str(video), "--model", "vit_debug", "--img", "32", "--keyframe-every", "6",
+                  "--temporal-scale", "2", "--threads", "1", "--format", "json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["config"]["temporal_thresholds"].startswith("uncalibrated")
+    assert out["stream_flops_ratio"] < 1 and max(out["stream_output_rel_err"].values()) > 1e-5
 
 
 def test_infer_video_writes_panels_and_the_animation(suite_dir, frames_root, tmp_path):
@@ -103,10 +110,12 @@ def test_infer_video_writes_panels_and_the_animation(suite_dir, frames_root, tmp
     (["bench", "--video", "/nonexistent/clip", "--model", "vit_debug", "--img", "32"], "/nonexistent/clip"),
     (["bench", "--video", "EMPTY", "--model", "vit_debug", "--img", "32"], "no frames"),
     (["bench", "--video", "EMPTY", "--model", "vit_debug", "--keyframe-every", "0"], "--keyframe-every"),
+    (["bench", "--video", "CLIP", "--model", "vit_debug", "--img", "32", "--temporal-scale", "0"], "--temporal-scale"),
 ])
-def test_video_bad_input(args, names, tmp_path):
+def test_video_bad_input(args, names, tmp_path, frames_root):
     (tmp_path / "empty").mkdir()
-    args = [str(tmp_path / "empty") if a == "EMPTY" else a for a in args]
+    args = [str(tmp_path / "empty") if a == "EMPTY" else str(_val_sequence(frames_root)) if a == "CLIP" else a
+            for a in args]
     r = _launcher(*args)
     assert r.returncode == 2, r.stderr
     assert names in r.stderr and r.stderr.strip().count("\n") == 0
@@ -125,17 +134,25 @@ def test_a_suite_trained_on_sequences_stores_and_reports_its_stream(tiny_suite, 
 
     root = synthesize_sequences("pascal_context", tmp_path / "data", sequences=6, frames=8, size=32, seed=4,
                                 camera="static")
-    raw = tiny_suite("videosuite", tasks=("sal",), steps=("step1",), iters=2,
+    raw = tiny_suite("videosuite", tasks=("sal",), steps=("step1", "step2", "step3"), iters=2,
                      stream={"keyframe_every": 4, "split_layer": 0})
+    raw["train"]["step3"].update(act_penalty="row", act_row=1.0)  # act_temporal unset: = act_row on sequences
     raw["dataset"] = {**raw["dataset"], "root": str(root), "holdout": 8}
     cfg = validate_suite(raw, workdir=str(tmp_path / "run"))
     assert run_suite(cfg, tmp_path / "run", progress=False, executor="inprocess") == 0
     store = tmp_path / "run" / "store"
-    for stage in ("base", "sal/step1"):
+    for stage in ("base", "sal/step3"):
         stream = ckpt.read_manifest(store / stage / "model.safetensors")["stream"]
         assert stream["keyframe_every"] == 4 and stream["split_layer"] == 0
         assert stream["frames"] == 16 and stream["clips"] == 2  # the 2 val sequences, every frame
         assert 0 < stream["flops"] <= stream["flops_engine"] * 1.5
+    from mlflow.tracking import MlflowClient
+
+    state = json.loads((store / "state.json").read_text())
+    step3 = next(st for st in state["stages"] if st["name"] == "sal/step3")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
+    temporal = client.get_metric_history(step3["mlflow_run_id"], "act_temporal")
+    assert len(temporal) == 2 and all(m.value > 0 for m in temporal)  # step3 trained on 2-frame clips
     engine, _ = load_suite_engine(store)
     assert set(engine.temporal_thresholds) == {"semseg", "sal"}
     assert engine.stream_settings == {"keyframe_every": 4, "split_layer": 0}

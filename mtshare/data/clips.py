@@ -52,19 +52,21 @@ def sequences(ids: list[str]) -> dict[str, list[str]]:
 
 class ClipDataset(Dataset):
     """Clips of ``clip_len`` consecutive listed frames of one sequence, over a still dataset
-    (``build_dataset``'s: it has ``ids``, ``load``, ``train`` and ``img_size``).
+    (``build_dataset``'s: it has ``ids``, ``load``, ``train`` and ``img_size``), from its
+    frames ``indices`` only when given.
 
     One item per possible clip start. Every frame of a clip gets the same random augmentation
     (scale, crop, flip, photometric), so the clip shows motion and nothing else. An item is a
     still item whose tensors gain a leading time dimension ``[T, ...]`` and whose ``id`` is the
     list of frame ids."""
 
-    def __init__(self, frames: Dataset, clip_len: int = 2):
+    def __init__(self, frames: Dataset, clip_len: int = 2, indices: list[int] | None = None):
         if clip_len < 1:
             raise DataError(f"clip_len: must be >= 1, got {clip_len}")
         self.frames = frames
-        index = {im_id: k for k, im_id in enumerate(frames.ids)}
-        groups = sequences(list(frames.ids))
+        kept = range(len(frames.ids)) if indices is None else indices  # (a training stage keeps its holdout out)
+        index = {frames.ids[k]: k for k in kept}
+        groups = sequences(list(index))
         if not groups:
             raise DataError("dataset: no frame sequences (ids <sequence>/<frame>) in the split")
         self.clips = [[index[i] for i in ids[s:s + clip_len]]
