@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +11,6 @@ from PIL import Image
 from mtshare.data import ClipDataset, DataError, build_dataset, check_dataset, sequences, synthesize_sequences
 from mtshare.data import nyud
 from mtshare.data.synthetic import FLOOR, KINDS, WALL
-
-REPO = Path(__file__).resolve().parent.parent
-
 
 @pytest.fixture(scope="module")
 def seqs(tmp_path_factory) -> dict[str, Path]:
@@ -111,15 +106,17 @@ def test_check_rejects_a_sequence_in_both_splits(seqs, tmp_path):
         check_dataset("nyud", root)
 
 
-def test_synth_sequences_command(tmp_path):
-    run = lambda *a: subprocess.run([sys.executable, "-m", "launcher", "data", "synth", *a],  # noqa: E731
-                                    cwd=REPO, capture_output=True, text=True)
-    ok = run("--layout", "pascal_context", "--out", str(tmp_path / "pc"), "--sequences", "2", "--frames", "3",
-             "--size", "32", "--camera", "static")
-    assert ok.returncode == 0, ok.stderr
+def test_synth_sequences_command(tmp_path, capsys):
+    from launcher.__main__ import main
+
+    assert main(["data", "synth", "--layout", "pascal_context", "--out", str(tmp_path / "pc"), "--sequences", "2",
+                 "--frames", "3", "--size", "32", "--camera", "static"]) == 0
     assert (tmp_path / "pc" / "JPEGImages" / "seq0002" / "000002.jpg").is_file()
-    bad = run("--layout", "nyud", "--out", str(tmp_path / "bad"), "--sequences", "2", "--frames", "1")
-    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "frames" in bad.stderr
+    capsys.readouterr()
+    assert main(["data", "synth", "--layout", "nyud", "--out", str(tmp_path / "bad"), "--sequences", "2",
+                 "--frames", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "frames" in err
     assert not (tmp_path / "bad").exists()
 
 

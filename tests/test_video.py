@@ -1,20 +1,19 @@
 """bench --video and infer --video on a tiny trained suite: labelled sequences (calibrated
 temporal τ, metrics), an unlabelled folder (τ = 0: the stream is exact), a video file, the
 animation, and bad input."""
+import io
 import json
 import shutil
-import subprocess
-import sys
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from mtshare.data import synthesize_sequences
-
-REPO = Path(__file__).resolve().parent.parent
-
 
 @pytest.fixture(scope="module")
 def suite_dir(tiny_suite, tmp_path_factory):
@@ -35,7 +34,17 @@ def frames_root(tmp_path_factory):
 
 
 def _launcher(*args):
-    return subprocess.run([sys.executable, "-m", "launcher", *args], cwd=REPO, capture_output=True, text=True)
+    """The command line, in this process (a subprocess per call cost ~4 s of imports each)."""
+    from launcher.__main__ import main
+
+    out, err = io.StringIO(), io.StringIO()
+    threads = torch.get_num_threads()  # (--threads sets torch's global count)
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            rc = main([str(a) for a in args])
+    finally:
+        torch.set_num_threads(threads)
+    return SimpleNamespace(returncode=rc, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def _val_sequence(root: Path) -> Path:

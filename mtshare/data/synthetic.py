@@ -438,18 +438,24 @@ def _plan(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     return val, persons
 
 
+def _check_args(layout: str, size: int, **counts: tuple[int, int, str]) -> None:
+    """DataError naming the first bad argument; ``counts``: name -> (value, minimum, what)."""
+    if layout not in LAYOUTS:
+        raise DataError(f"layout: unknown layout {layout!r} (known: {', '.join(LAYOUTS)})")
+    for name, (value, minimum, what) in counts.items():
+        if value < minimum:
+            raise DataError(f"{name}: need at least {minimum} {what}, got {value}")
+    if size < 16:
+        raise DataError(f"size: need at least 16 pixels, got {size}")
+
+
 def synthesize(layout: str, out: str | Path, n: int = 32, size: int = 64, seed: int = 0) -> Path:
     """Write ``n`` synthetic images (``size`` x ``size``) in ``layout``'s real layout.
 
     About 25% of the ids go to val; about 40% of each split shows persons with parts.
     Returns the dataset root (``out``).
     """
-    if layout not in LAYOUTS:
-        raise DataError(f"layout: unknown layout {layout!r} (known: {', '.join(LAYOUTS)})")
-    if n < 2:
-        raise DataError(f"n: need at least 2 images (one per split), got {n}")
-    if size < 16:
-        raise DataError(f"size: need at least 16 pixels, got {size}")
+    _check_args(layout, size, n=(n, 2, "images (one per split)"))
     root = Path(out)
     for sub in _DIRS[layout]:
         (root / sub).mkdir(parents=True, exist_ok=True)
@@ -480,14 +486,8 @@ def synthesize_sequences(layout: str, out: str | Path, sequences: int = 4, frame
     The camera moves sideways and slowly forwards (``camera="moving"``) or stands still
     (``"static"``); objects and persons move sideways. About 25% of the sequences go to val.
     """
-    if layout not in LAYOUTS:
-        raise DataError(f"layout: unknown layout {layout!r} (known: {', '.join(LAYOUTS)})")
-    if sequences < 2:
-        raise DataError(f"sequences: need at least 2 sequences (one per split), got {sequences}")
-    if frames < 2:
-        raise DataError(f"frames: need at least 2 frames per sequence, got {frames}")
-    if size < 16:
-        raise DataError(f"size: need at least 16 pixels, got {size}")
+    _check_args(layout, size, sequences=(sequences, 2, "sequences (one per split)"),
+                frames=(frames, 2, "frames per sequence"))
     if camera not in CAMERAS:
         raise DataError(f"camera: unknown camera motion {camera!r} (known: {', '.join(CAMERAS)})")
     root = Path(out)
