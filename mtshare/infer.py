@@ -64,18 +64,25 @@ def load_suite_engine(store: str | Path, device: str | torch.device = "cpu", **e
     return engine, base_manifest
 
 
-def prepare_image(path: Path, size: int, patch: int) -> tuple[torch.Tensor, np.ndarray, tuple[int, int]]:
-    """(normalised padded tensor [1,3,S,S], original RGB uint8, content (h, w) inside the pad)."""
-    rgb = read_image(path, mode="RGB")
-    h, w = rgb.shape[:2]
-    x = torch.from_numpy(normalize(rgb)).permute(2, 0, 1)[None]
+def prepare_rgb(rgb: list[np.ndarray], size: int, patch: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """RGB uint8 images of one size, prepared as the suite's val images are (long side shrunk
+    to ``size`` if larger, ImageNet normalisation, bottom/right padding to a multiple of the
+    patch): ([N, 3, S, S], content (h, w) inside the pad)."""
+    x = torch.stack([torch.from_numpy(normalize(im)).permute(2, 0, 1) for im in rgb])
+    h, w = x.shape[-2:]
     if max(h, w) > size:
         r = size / max(h, w)
         x = F.interpolate(x, size=(max(1, round(h * r)), max(1, round(w * r))), mode="bilinear", align_corners=False)
     ch, cw = x.shape[-2:]
     side = max(size, -(-max(ch, cw) // patch) * patch)
-    x = F.pad(x, (0, side - cw, 0, side - ch))
-    return x, rgb, (ch, cw)
+    return F.pad(x, (0, side - cw, 0, side - ch)), (ch, cw)
+
+
+def prepare_image(path: Path, size: int, patch: int) -> tuple[torch.Tensor, np.ndarray, tuple[int, int]]:
+    """(normalised padded tensor [1,3,S,S], original RGB uint8, content (h, w) inside the pad)."""
+    rgb = read_image(path, mode="RGB")
+    x, content = prepare_rgb([rgb], size, patch)
+    return x, rgb, content
 
 
 @torch.no_grad()

@@ -29,6 +29,30 @@ def _meter(task: str, dataset: str, meter_options: Mapping | None):
     return get_task(task).new_meter(dataset, **dict(meter_options or {}))
 
 
+def meter_options(task: str, edge_thresholds: int) -> dict:
+    """The options a suite measures ``task`` with (edge: its ODS-F thresholds, ``optim.edge_thresholds``)."""
+    return {"n_thresholds": edge_thresholds} if task == "edge" else {}
+
+
+def pooled_value(task: str, dataset: str, outputs: list[torch.Tensor], targets: torch.Tensor,
+                 meter_options: Mapping | None = None) -> float:
+    """The task's metric over ``outputs`` (frames, in order) against ``targets``, one pooled meter."""
+    meter = _meter(task, dataset, meter_options)
+    meter.update(torch.cat(outputs).float().cpu(), targets)
+    return float(meter.compute())
+
+
+def clip_metric(dataset: str, targets, meter_options: Mapping[str, Mapping] | None = None):
+    """``mtshare.stream.calibrate_stream``'s metric: ``fn(task, clips, outputs)``, the task's
+    pooled metric over those clips' frames, signed so that higher is better. ``targets(task,
+    clip)``: that clip's targets ``[T, ...]``."""
+    def metric(task: str, clips: list[int], outputs: list[torch.Tensor]) -> float:
+        value = pooled_value(task, dataset, outputs, torch.cat([targets(task, c) for c in clips]),
+                             (meter_options or {}).get(task))
+        return value if get_task(task).higher_is_better else -value
+    return metric
+
+
 def stack(batches: Iterable[dict], task: str) -> tuple[torch.Tensor, torch.Tensor]:
     """All images and targets of a loader as two tensors (the calibration set is one batch)."""
     images, targets = [], []
@@ -123,29 +147,24 @@ def operating_point(engine: SharedEngine, task: str, calib: tuple[torch.Tensor, 
 # --- video streams ------------------------------------------------------------------------------
 
 
-def sequence_clips(items, task: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def sequence_clips(items, tasks: list[str]) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
     """The frames of a dataset (or a ``Subset`` of one) grouped into clips, one per sequence,
-    in frame order: ``[(images [T, 3, S, S], targets [T, ...])]``; [] for still images."""
+    in frame order: ``[(images [T, 3, S, S], {task: targets [T, ...]})]``; [] for still images."""
     from torch.utils.data import Subset
 
-    from mtshare.data.clips import frame_number
+    from mtshare.data import sequences
 
     ds, indices = (items.dataset, list(items.indices)) if isinstance(items, Subset) else (items, range(len(items)))
-    groups: dict[str, list[tuple[int, int]]] = {}
-    for i in indices:
-        parsed = frame_number(ds.ids[i])
-        if parsed is None:
-            return []
-        groups.setdefault(parsed[0], []).append((parsed[1], i))
+    index = {ds.ids[i]: i for i in indices}
     clips = []
-    for frames in groups.values():
-        batch = [ds[i] for _, i in sorted(frames)]
-        clips.append((torch.stack([b["image"] for b in batch]), torch.stack([b[task] for b in batch])))
+    for ids in sequences(list(index)).values():
+        batch = [ds[index[i]] for i in ids]
+        clips.append((torch.stack([b["image"] for b in batch]), {t: torch.stack([b[t] for b in batch]) for t in tasks}))
     return clips
 
 
-def stream_point(engine: SharedEngine, task: str, calib: list[tuple[torch.Tensor, torch.Tensor]],
-                 val: list[tuple[torch.Tensor, torch.Tensor]], dataset: str, keyframe_every: int,
+def stream_point(engine: SharedEngine, task: str, calib: list[tuple[torch.Tensor, dict[str, torch.Tensor]]],
+                 val: list[tuple[torch.Tensor, dict[str, torch.Tensor]]], dataset: str, keyframe_every: int,
                  split_layer: int | None, tolerance: float, margin: float = 0.5, steps: int = 8,
                  meter_options: Mapping | None = None) -> dict:
     """A task's video stream: temporal τ calibrated on the ``calib`` clips (the holdout frames:
@@ -154,14 +173,8 @@ def stream_point(engine: SharedEngine, task: str, calib: list[tuple[torch.Tensor
     each streamed from a keyframe, beside the engine run frame by frame. Per frame FLOPs."""
     from mtshare.stream import VideoStream, calibrate_stream
 
-    spec = get_task(task)
-    sign = 1.0 if spec.higher_is_better else -1.0
-
-    def metric(t: str, clips: list[int], outputs: list[torch.Tensor]) -> float:
-        meter = _meter(task, dataset, meter_options)
-        meter.update(torch.cat(outputs).float().cpu(), torch.cat([calib[c][1] for c in clips]))
-        return sign * float(meter.compute())
-
+    sign = 1.0 if get_task(task).higher_is_better else -1.0
+    metric = clip_metric(dataset, lambda t, c: calib[c][1][t], {task: meter_options})
     summary = calibrate_stream(engine, [c for c, _ in calib], metric, tolerance * margin, keyframe_every=keyframe_every,
                                split_layer=split_layer, steps=steps, tasks=[task])
     stream = VideoStream(engine, keyframe_every, split_layer, tasks=[task], collect_stats=True)
@@ -170,7 +183,8 @@ def stream_point(engine: SharedEngine, task: str, calib: list[tuple[torch.Tensor
     flops = {"stream": 0.0, "engine": 0.0}
     rows, frames = [], 0
     try:
-        for clip, target in val:
+        for clip, targets in val:
+            target = targets[task]
             stream.reset()
             for f, frame in enumerate(clip):
                 meters["stream"].update(stream.push(frame)[task].float().cpu(), target[f:f + 1])

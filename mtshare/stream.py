@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from mtshare.engine import PATCH, SharedEngine, TaskStats, _SubTask
 from mtshare.models.heads import UNSHUFFLE
 
-__all__ = ["VideoStream", "calibrate_stream", "temporal_layers"]
+__all__ = ["VideoStream", "calibrate_stream", "uncalibrated_thresholds"]
 
 
 @dataclass
@@ -46,16 +46,11 @@ class _RowCache:
     y: torch.Tensor  # [n, d_out] their outputs
 
 
-def temporal_layers(engine: SharedEngine) -> list[str]:
-    """The layers with a temporal τ: the patch embedding (the base's), every encoder linear, the
-    heads' projection and their blocks' MLPs."""
-    return [PATCH, *engine.linear_paths(), "head.proj", "head.blocks.0.mlp", "head.blocks.1.mlp"]
-
-
 class VideoStream:
     """A stateful video stream over ``engine`` (see the module docstring).
 
-    ``thresholds``: temporal τ by task, then by layer (``temporal_layers``); missing = 0 =
+    ``thresholds``: temporal τ by task, then by layer (``patch_embed.proj``, the encoder linears'
+    paths, ``head.proj``, ``head.blocks.<k>.mlp``); missing = 0 =
     recompute every row that changed. Defaults to ``engine.temporal_thresholds`` (what a suite
     stores). ``collect_stats``: count the executed FLOPs per frame (``last_flops``)."""
 
@@ -230,6 +225,15 @@ def _change_scales(engine: SharedEngine, clips: Iterable[torch.Tensor], keyframe
     for (task, name), parts in changes.items():
         out.setdefault(task, {})[name] = float(torch.cat(parts).median())
     return out
+
+
+def uncalibrated_thresholds(engine: SharedEngine, frames: torch.Tensor, scale: float, keyframe_every: int,
+                            split_layer: int) -> dict[str, dict[str, float]]:
+    """τ = ``scale`` × each layer's typical frame-to-frame change on ``frames`` (no metric is
+    checked: synthetic benchmarks); sets and returns ``engine.temporal_thresholds``."""
+    changes = _change_scales(engine, [frames], keyframe_every, split_layer, {}, engine.tasks)
+    engine.temporal_thresholds = {t: {k: scale * v for k, v in layers.items()} for t, layers in changes.items()}
+    return engine.temporal_thresholds
 
 
 # (task, the clips' indices, the outputs of their frames, clip after clip) -> value, higher = better

@@ -478,7 +478,7 @@ class Trainer:
         return ckpt.save_subtask(path, effective_deltas(self.deltas), head_sd, manifest, base_sha256=sha)
 
     def _meter_options(self) -> dict:
-        return {"n_thresholds": self.spec.optim.edge_thresholds} if self.spec.task == "edge" else {}
+        return op.meter_options(self.spec.task, self.spec.optim.edge_thresholds)
 
     @torch.no_grad()
     def figures(self) -> dict:
@@ -528,8 +528,8 @@ class Trainer:
         """The task's video stream figures (``mtshare.operating_point.stream_point``): temporal τ
         on the holdout frames, measured on the whole val split, sequence by sequence."""
         s = self.spec.stream
-        calib = op.sequence_clips(self.holdout_set, self.spec.task)
-        val = op.sequence_clips(self.full_val_set, self.spec.task)
+        calib = op.sequence_clips(self.holdout_set, [self.spec.task])
+        val = op.sequence_clips(self.full_val_set, [self.spec.task])
         if not calib or not val:
             raise StageFailure(f"{self.spec.name}: stream: the dataset at {self.spec.dataset.root} has no frame "
                                f"sequences (ids <sequence>/<frame>; `data synth --sequences`)")

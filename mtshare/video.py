@@ -19,18 +19,20 @@ import json
 import statistics
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Subset
 
-from mtshare.data import DataError, build_dataset, read_ids, read_image, sequences
-from mtshare.data.transforms import normalize
+from mtshare import operating_point as op
+from mtshare.data import DataError, build_dataset, nyud, pascal_context, read_ids, read_image, sequences
+from mtshare.infer import prepare_rgb
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 LAYOUT_IMAGE_DIRS = {"JPEGImages": "pascal_context", "images": "nyud"}
-SPLIT_DIRS = {"pascal_context": "ImageSets/Context", "nyud": "gt_sets"}
+SPLIT_PATH = {"pascal_context": pascal_context.split_path, "nyud": nyud.split_path}
 
 
 def read_frames(path: str | Path, max_frames: int | None = None) -> list[np.ndarray]:
@@ -61,20 +63,6 @@ def read_frames(path: str | Path, max_frames: int | None = None) -> list[np.ndar
     return frames
 
 
-def prepare_frames(frames: list[np.ndarray], size: int, patch: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Frames as the suite's val images are prepared (long side shrunk to ``size`` if larger,
-    normalised, padded bottom/right to a multiple of the patch): ``[T, 3, S, S]`` and the
-    content's (h, w) inside the pad."""
-    x = torch.stack([torch.from_numpy(normalize(f)).permute(2, 0, 1) for f in frames])
-    h, w = x.shape[-2:]
-    if max(h, w) > size:
-        r = size / max(h, w)
-        x = F.interpolate(x, size=(max(1, round(h * r)), max(1, round(w * r))), mode="bilinear", align_corners=False)
-    ch, cw = x.shape[-2:]
-    side = max(size, -(-max(ch, cw) // patch) * patch)
-    return F.pad(x, (0, side - cw, 0, side - ch)), (ch, cw)
-
-
 def labelled_sequence(path: str | Path) -> tuple[str, Path, str, list[str]] | None:
     """``(dataset, root, split, frame ids)`` when ``path`` is one sequence's image folder in a
     dataset layout whose split files list its frames; else None."""
@@ -84,7 +72,7 @@ def labelled_sequence(path: str | Path) -> tuple[str, Path, str, list[str]] | No
         return None
     root = path.parent.parent
     for split in ("val", "train"):
-        split_file = root / SPLIT_DIRS[dataset] / f"{split}.txt"
+        split_file = SPLIT_PATH[dataset](root, split)
         if split_file.is_file():
             frames = sequences(read_ids(split_file)).get(path.name)
             if frames:
@@ -96,20 +84,7 @@ def _sequence_items(dataset: str, root: Path, split: str, ids: list[str], tasks:
     """A sequence's frames and labels, prepared as val items: (images [T, 3, S, S], {task: [T, ...]})."""
     ds = build_dataset(dataset, root, split, tasks, train=False, img_size=img_size)
     index = {i: k for k, i in enumerate(ds.ids)}
-    items = [ds[index[i]] for i in ids]
-    return torch.stack([it["image"] for it in items]), {t: torch.stack([it[t] for it in items]) for t in tasks}
-
-
-def task_metric(task: str, dataset: str, options: dict | None = None) -> Callable[[list[torch.Tensor], torch.Tensor], float]:
-    """``fn(outputs, targets) -> value``: the task's own meter (``options``: as the suite
-    measured it, e.g. edge's thresholds), pooled over the frames."""
-    from mtshare.tasks import get_task
-
-    def fn(outputs, targets):
-        meter = get_task(task).new_meter(dataset, **(options or {}))
-        meter.update(torch.cat(outputs).float().cpu(), targets)
-        return float(meter.compute())
-    return fn
+    return op.sequence_clips(Subset(ds, [index[i] for i in ids]), tasks)[0]
 
 
 def meter_options(store: Path) -> dict[str, dict]:
@@ -120,9 +95,9 @@ def meter_options(store: Path) -> dict[str, dict]:
 
     out = {}
     for task, r in final_stages(load_results(store)).items():
-        if task == "edge":
+        if r["kind"] != "base":
             optim = ckpt.read_manifest(store / r["stage"] / "model.safetensors")["spec"]["optim"]
-            out[task] = {"n_thresholds": optim["edge_thresholds"]}
+            out[task] = op.meter_options(task, optim["edge_thresholds"])
     return out
 
 
@@ -134,14 +109,11 @@ def temporal_thresholds(engine, store: Path | None, path: Path, labelled, img_si
     they come from, the calibration summary or None). ``scale``: instead, τ = κ × each layer's
     typical frame-to-frame change measured on the first two keyframe intervals of ``frames``
     (uncalibrated: no metric is checked; for synthetic benchmarks)."""
-    from mtshare.stream import _change_scales, calibrate_stream
-    from mtshare.tasks import get_task
+    from mtshare.stream import calibrate_stream, uncalibrated_thresholds
 
     if scale is not None:
         sample = frames[:2 * keyframe_every]
-        changes = _change_scales(engine, [sample], keyframe_every, split_layer, {}, engine.tasks)
-        engine.temporal_thresholds = {t: {k: scale * v for k, v in layers.items()} for t, layers in changes.items()}
-        return engine.temporal_thresholds, (f"uncalibrated: κ = {scale:g} × each layer's typical change on the first "
+        return uncalibrated_thresholds(engine, sample, scale, keyframe_every, split_layer), (f"uncalibrated: κ = {scale:g} × each layer's typical change on the first "
                                             f"{len(sample)} frames (no metric checked)"), None
     if engine.temporal_thresholds:
         st = engine.stream_settings or {}
@@ -151,20 +123,14 @@ def temporal_thresholds(engine, store: Path | None, path: Path, labelled, img_si
                                             f"{st.get('split_layer')}: not these settings)")), None
     if labelled is not None:
         dataset, root, _, _ = labelled
-        split_file = root / SPLIT_DIRS[dataset] / "train.txt"
+        split_file = SPLIT_PATH[dataset](root, "train")
         train = sequences(read_ids(split_file)) if split_file.is_file() else {}
         train.pop(Path(path).resolve().name, None)
         chosen = list(train.items())[:calib_sequences]
         if chosen:
             data = [_sequence_items(dataset, root, "train", ids[:calib_frames], engine.tasks, img_size)
                     for _, ids in chosen]
-            sign = {t: 1.0 if get_task(t).higher_is_better else -1.0 for t in engine.tasks}
-            options = meter_options(store) if store is not None else {}
-
-            def metric(task, clips, outputs):
-                targets = torch.cat([data[c][1][task] for c in clips])
-                return sign[task] * task_metric(task, dataset, options.get(task))(outputs, targets)
-
+            metric = op.clip_metric(dataset, lambda t, c: data[c][1][t], meter_options(store) if store else {})
             log(f"calibrating temporal thresholds on {len(chosen)} train sequences of {root} "
                 f"({', '.join(s for s, _ in chosen)}), {calib_frames} frames each")
             # aim at margin x tolerance (as suites calibrate task thresholds): these are other frames
@@ -176,9 +142,18 @@ def temporal_thresholds(engine, store: Path | None, path: Path, labelled, img_si
     return {}, "none: τ = 0 (no stored thresholds and no labelled train sequences to calibrate on)", None
 
 
-def _load(path: Path, workdir: str | Path | None, model: str, img: int, device: str, seed: int = 0):
-    """(engine, frames [T, 3, S, S], labels or None, the labelled sequence or None, content size,
-    store, image size)."""
+class Video(NamedTuple):
+    engine: object  # SharedEngine: the suite's, or a synthetic one
+    frames: torch.Tensor  # [T, 3, S, S], prepared
+    content: tuple[int, int]  # (h, w) inside the pad
+    rgb: list[np.ndarray] | None  # the frames as read (None for a labelled sequence: read by its loader)
+    labels: dict[str, torch.Tensor] | None  # {task: [T, ...]} for a labelled sequence
+    labelled: tuple | None  # labelled_sequence(path)
+    store: Path | None  # the suite's store
+    img_size: int
+
+
+def _load(path: Path, workdir: str | Path | None, model: str, img: int, device: str, seed: int = 0) -> Video:
     from mtshare.bench import BenchInputError, synthetic_engine
 
     labelled = labelled_sequence(path)
@@ -197,16 +172,17 @@ def _load(path: Path, workdir: str | Path | None, model: str, img: int, device: 
         engine = synthetic_engine(model, 16, 5, 0.9, seed=seed, device=device)
         store, patch = None, 16
         labelled = None  # a random model has no metric
+    rgb = labels = None
     if labelled is not None:
         dataset, root, split, ids = labelled
         frames, labels = _sequence_items(dataset, root, split, ids, engine.tasks, img)
         content = tuple(frames.shape[-2:])
     else:
-        frames, content = prepare_frames(read_frames(path), img, patch)
-        labels = None
+        rgb = read_frames(path)
+        frames, content = prepare_rgb(rgb, img, patch)
     if frames.shape[0] < 2:
         raise BenchInputError(f"--video: {path} has {frames.shape[0]} frame; a stream needs at least 2")
-    return engine, frames, labels, labelled, content, store, img
+    return Video(engine, frames, content, rgb, labels, labelled, store, img)
 
 
 def stream_settings(engine, keyframe_every: int | None, split_layer: int | None) -> tuple[int, int]:
@@ -234,7 +210,8 @@ def bench_video(path: str | Path, workdir: str | Path | None = None, model: str 
     if threads:
         torch.set_num_threads(threads)
     path = Path(path)
-    engine, frames, labels, labelled, content, store, img = _load(path, workdir, model, img, device)
+    video = _load(path, workdir, model, img, device)
+    engine, frames, labels = video.engine, video.frames, video.labels
     depth = engine.cfg.depth
     if split_layer is not None and not 0 <= split_layer <= depth:
         raise BenchInputError(f"--split-layer: must be in [0, {depth}], got {split_layer}")
@@ -242,8 +219,9 @@ def bench_video(path: str | Path, workdir: str | Path | None = None, model: str 
     names = engine.tasks
     if temporal_scale is not None and temporal_scale <= 0:
         raise BenchInputError(f"--temporal-scale: must be > 0, got {temporal_scale}")
-    _, source, calibration = temporal_thresholds(engine, store, path, labelled, img, keyframe_every, split_layer,
-                                                 tolerance, scale=temporal_scale, frames=frames, log=log)
+    _, source, calibration = temporal_thresholds(engine, video.store, path, video.labelled, video.img_size,
+                                                 keyframe_every, split_layer, tolerance, scale=temporal_scale,
+                                                 frames=frames, log=log)
     frames = frames.to(device)
     size = frames.shape[-1]
     log(f"{len(frames)} frames {size}x{size}, {len(names)} tasks; temporal τ: {source}")
@@ -268,12 +246,11 @@ def bench_video(path: str | Path, workdir: str | Path | None = None, model: str 
                         rows[t].append(stream.last_rows[t])
     metrics = None
     if labels is not None:
-        dataset = labelled[0]
+        dataset = video.labelled[0]
         metrics = {}
-        options = meter_options(store)
+        options = meter_options(video.store)
         for t in names:
-            fn = task_metric(t, dataset, options.get(t))
-            e, s = fn(outs["engine"][t], labels[t]), fn(outs["stream"][t], labels[t])
+            e, s = (op.pooled_value(t, dataset, outs[kind][t], labels[t], options.get(t)) for kind in ("engine", "stream"))
             metrics[t] = {"engine": e, "stream": s, "rel_change": (s - e) / abs(e) if e else None}
     err = {t: float((torch.cat(outs["stream"][t]) - torch.cat(outs["engine"][t])).norm()
                     / torch.cat(outs["engine"][t]).norm().clamp_min(1e-30)) for t in names}
@@ -300,12 +277,12 @@ def bench_video(path: str | Path, workdir: str | Path | None = None, model: str 
     ms = {k: statistics.fmean(v) for k, v in times.items()}
     eng_f, str_f = statistics.fmean(engine_flops), statistics.fmean(stream_flops)
     return {
-        "config": {"video": str(path), "frames": len(frames), "img": size, "content": list(content),
+        "config": {"video": str(path), "frames": len(frames), "img": size,
                    "source": str(workdir) if workdir else "synthetic (random weights, 90 % sparse random deltas)",
                    "model": f"{engine.cfg.embed_dim}d/{depth}L" if workdir else model, "patch": engine.cfg.patch_size,
                    "tasks": len(names), "task_names": names, "keyframe_every": keyframe_every,
                    "split_layer": split_layer, "device": device, "threads": torch.get_num_threads(),
-                   "temporal_thresholds": source, "labelled": labels is not None},
+                   "temporal_thresholds": source, "labelled": labels is not None, "content": list(video.content)},
         "independent_ms": ms["independent"], "engine_ms": ms["engine"], "stream_ms": ms["stream"],
         "time_ratio": ms["engine"] / ms["independent"],
         "stream_time_ratio": ms["stream"] / ms["engine"],
@@ -314,7 +291,7 @@ def bench_video(path: str | Path, workdir: str | Path | None = None, model: str 
         "stream_flops_ratio": str_f / eng_f,
         "stream_flops_ratio_non_keyframes": (statistics.fmean([s for f, s in enumerate(stream_flops) if f % keyframe_every])
                                              / statistics.fmean([e for f, e in enumerate(engine_flops) if f % keyframe_every]))
-        if len(frames) > 1 and keyframe_every > 1 else None,
+        if keyframe_every > 1 else None,
         "rows_recomputed": {t: (statistics.fmean(v) if v else None) for t, v in rows.items()},
         "stream_output_rel_err": err,
         "metrics": metrics,
@@ -370,23 +347,23 @@ def infer_video(workdir: str | Path, path: str | Path, out_dir: str | Path, keyf
 
     log = log or (lambda s: None)
     path, out_dir = Path(path), Path(out_dir)
-    engine, frames, _, labelled, (ch, cw), store, img = _load(path, workdir, "", 0, "cpu")
+    video = _load(path, workdir, "", 0, "cpu")
+    engine, frames, (ch, cw) = video.engine, video.frames, video.content
     keyframe_every, split_layer = stream_settings(engine, keyframe_every, split_layer)
-    _, source, _ = temporal_thresholds(engine, store, path, labelled, img, keyframe_every, split_layer, tolerance,
-                                       log=log)
+    _, source, _ = temporal_thresholds(engine, video.store, path, video.labelled, video.img_size, keyframe_every,
+                                       split_layer, tolerance, log=log)
     log(f"{len(frames)} frames; temporal τ: {source}")
-    rgb_frames = read_frames(path)[:len(frames)] if labelled is None else None
     stream = engine.stream(keyframe_every, split_layer)
     panels = []
     for f, frame in enumerate(frames):
         outputs = stream.push(frame)
-        if rgb_frames is not None:
-            rgb = rgb_frames[f]
+        if video.rgb is not None:
+            rgb = video.rgb[f]
         else:  # a labelled sequence was read through its loader: undo the normalisation for display
             from mtshare.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-            img = frame[:, :ch, :cw].permute(1, 2, 0).numpy() * IMAGENET_STD + IMAGENET_MEAN
-            rgb = np.clip(img * 255, 0, 255).round().astype(np.uint8)
+            pixels = frame[:, :ch, :cw].permute(1, 2, 0).numpy() * IMAGENET_STD + IMAGENET_MEAN
+            rgb = np.clip(pixels * 255, 0, 255).round().astype(np.uint8)
         pictures = {}
         for task, out in outputs.items():
             out = F.interpolate(out[:, :, :ch, :cw], size=rgb.shape[:2], mode="bilinear", align_corners=False)[0]
