@@ -55,12 +55,19 @@ def load_suite_engine(store: str | Path, device: str | torch.device = "cpu", **e
     for task, path in paths.items():
         engine.set_thresholds(task, (ckpt.read_manifest(path).get("operating_point") or {}).get("tau") or {})
     # Video suites: each task's temporal τ and the stream settings they were calibrated for.
+    # A sub-task's split layer is its own plan (its temporal caches from there on; = depth: task
+    # deltas in every block); one number where all sub-tasks share it.
     base_manifest = ckpt.read_manifest(base_path)
+    splits = {}
     for task, path in {engine.base_task: base_path, **paths}.items():
         stream = base_manifest.get("stream") if path == base_path else ckpt.read_manifest(path).get("stream")
         if stream:
             engine.temporal_thresholds[task] = stream["tau"]
             engine.stream_settings = {"keyframe_every": stream["keyframe_every"], "split_layer": stream["split_layer"]}
+            if path != base_path:
+                splits[task] = stream["split_layer"]
+    if engine.stream_settings and splits:
+        engine.stream_settings["split_layer"] = splits if len(set(splits.values())) > 1 else next(iter(splits.values()))
     return engine, base_manifest
 
 

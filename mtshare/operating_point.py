@@ -170,20 +170,57 @@ def stream_point(engine: SharedEngine, task: str, calib: list[tuple[torch.Tensor
     """A task's video stream: temporal τ calibrated on the ``calib`` clips (the holdout frames:
     ``margin × tolerance`` of the stream's own τ = 0 metric, ``mtshare.stream.calibrate_stream``;
     the other tasks' ``engine.temporal_thresholds`` stay), then measured on the ``val`` clips,
-    each streamed from a keyframe, beside the engine run frame by frame. Per frame FLOPs."""
-    from mtshare.stream import VideoStream, calibrate_stream
+    each streamed from a keyframe, beside the engine run frame by frame. Per frame FLOPs.
+
+    A sub-task's plan: its own temporal caches from ``split_layer`` on, or its task deltas in
+    every block over the base's streamed activations (``split_layer = depth``, what the engine
+    does frame by frame), each calibrated on the holdout; it keeps the one that streams the
+    holdout with fewer FLOPs. (Own caches recompute a changed row with the full merged weight;
+    where a task changes many rows from frame to frame, its task-delta path is cheaper.)"""
+    from mtshare.stream import calibrate_stream
 
     sign = 1.0 if get_task(task).higher_is_better else -1.0
+    depth = engine.cfg.depth
+    split_layer = depth // 2 if split_layer is None else split_layer
+    plans = [split_layer] if task == engine.base_task or split_layer == depth else [split_layer, depth]
     metric = clip_metric(dataset, lambda t, c: calib[c][1][t], {task: meter_options})
-    summary = calibrate_stream(engine, [c for c, _ in calib], metric, tolerance * margin, keyframe_every=keyframe_every,
-                               split_layer=split_layer, steps=steps, tasks=[task])
+    fixed = {t: dict(v) for t, v in engine.temporal_thresholds.items()}
+    tried = {}
+    for layer in plans:
+        engine.temporal_thresholds = {t: dict(v) for t, v in fixed.items()}
+        summary = calibrate_stream(engine, [c for c, _ in calib], metric, tolerance * margin,
+                                   keyframe_every=keyframe_every, split_layer=layer, steps=steps, tasks=[task])
+        holdout = _stream_figures(engine, task, calib, dataset, keyframe_every, layer, meter_options)
+        tried[layer] = (holdout, summary, engine.temporal_thresholds)
+    chosen = min(plans, key=lambda layer: tried[layer][0]["flops"])  # ties: the configured plan
+    _, summary, engine.temporal_thresholds = tried[chosen]
+    figures = _stream_figures(engine, task, val, dataset, keyframe_every, chosen, meter_options)
+    if not figures["frames"]:
+        raise ValueError(f"{task}: no val frames to stream")
+    return {"keyframe_every": keyframe_every, "split_layer": chosen,
+            "tau": dict(engine.temporal_thresholds.get(task, {})), "scale": summary["scale"][task],
+            **figures, "clips": len(val),
+            "calibration": {"frames": sum(len(c) for c, _ in calib), "clips": len(calib), "tolerance": tolerance,
+                            "margin": margin, "metric_ref": sign * summary["metric_ref"][task],
+                            "metric": sign * summary["metric"][task],
+                            # each plan tried: its FLOPs per frame streamed over the holdout / frame by frame
+                            "plans": {str(layer): tried[layer][0]["flops"] / tried[layer][0]["flops_engine"]
+                                      for layer in plans}}}
+
+
+def _stream_figures(engine: SharedEngine, task: str, clips: list[tuple[torch.Tensor, dict[str, torch.Tensor]]],
+                    dataset: str, keyframe_every: int, split_layer: int, meter_options: Mapping | None) -> dict:
+    """``task`` streamed over ``clips`` (each from a keyframe) at ``engine.temporal_thresholds``,
+    beside the engine frame by frame: values, FLOPs per frame, rows recomputed between keyframes."""
+    from mtshare.stream import VideoStream
+
     stream = VideoStream(engine, keyframe_every, split_layer, tasks=[task], collect_stats=True)
     was, engine.collect_stats = engine.collect_stats, True
     meters = {"stream": _meter(task, dataset, meter_options), "engine": _meter(task, dataset, meter_options)}
     flops = {"stream": 0.0, "engine": 0.0}
     rows, frames = [], 0
     try:
-        for clip, targets in val:
+        for clip, targets in clips:
             target = targets[task]
             stream.reset()
             for f, frame in enumerate(clip):
@@ -196,13 +233,8 @@ def stream_point(engine: SharedEngine, task: str, calib: list[tuple[torch.Tensor
                 frames += 1
     finally:
         engine.collect_stats = was
-    if not frames:
-        raise ValueError(f"{task}: no val frames to stream")
-    return {"keyframe_every": keyframe_every, "split_layer": summary["split_layer"],
-            "tau": dict(engine.temporal_thresholds.get(task, {})), "scale": summary["scale"][task],
-            "value": float(meters["stream"].compute()), "value_engine": float(meters["engine"].compute()),
-            "flops": flops["stream"] / frames, "flops_engine": flops["engine"] / frames,
-            "rows_recomputed": sum(rows) / len(rows) if rows else None, "frames": frames, "clips": len(val),
-            "calibration": {"frames": sum(len(c) for c, _ in calib), "clips": len(calib), "tolerance": tolerance,
-                            "margin": margin, "metric_ref": sign * summary["metric_ref"][task],
-                            "metric": sign * summary["metric"][task]}}
+    n = max(frames, 1)
+    return {"value": float(meters["stream"].compute()) if frames else float("nan"),
+            "value_engine": float(meters["engine"].compute()) if frames else float("nan"),
+            "flops": flops["stream"] / n, "flops_engine": flops["engine"] / n,
+            "rows_recomputed": sum(rows) / len(rows) if rows else None, "frames": frames}

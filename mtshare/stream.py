@@ -12,7 +12,9 @@ stateful stream over a :class:`~mtshare.engine.SharedEngine`; ``push(frame)`` re
   its cache entry replaced; the others keep their cached output. The base does this in every
   layer. A sub-task does it with its own merged weight ``W_b + M ⊙ δ`` in the blocks from
   ``split_layer`` on; in the blocks before, it takes its task delta over the base's
-  (temporally updated) activations, as on a keyframe.
+  (temporally updated) activations, as on a keyframe. The split layer can differ by task
+  (``{task: layer}``): at ``split_layer = depth`` a sub-task runs as the engine does, over the
+  base's streamed activations (the plan for a task whose own temporal caches do not pay).
 
 Comparing with the row's *last computed* input rather than the previous frame's means a slow
 drift below τ still triggers a recompute once it adds up to τ: each cached input differs from
@@ -37,7 +39,23 @@ import torch.nn.functional as F
 from mtshare.engine import PATCH, SharedEngine, TaskStats, _SubTask
 from mtshare.models.heads import UNSHUFFLE
 
-__all__ = ["VideoStream", "calibrate_stream", "uncalibrated_thresholds"]
+__all__ = ["VideoStream", "calibrate_stream", "split_layers", "uncalibrated_thresholds"]
+
+
+# One split layer for every sub-task, or one per sub-task (missing: half the depth); None: half the depth.
+SplitLayer = int | Mapping[str, int] | None
+
+
+def split_layers(engine: SharedEngine, split_layer: SplitLayer) -> dict[str, int]:
+    """``{sub-task: split layer}`` for ``engine``'s sub-tasks, checked against its depth."""
+    depth = engine.cfg.depth
+    given = split_layer if isinstance(split_layer, Mapping) else {}
+    default = depth // 2 if split_layer is None or isinstance(split_layer, Mapping) else split_layer
+    out = {t: int(given.get(t, default)) for t in engine.tasks if t != engine.base_task}
+    for t, layer in out.items():
+        if not 0 <= layer <= depth:
+            raise ValueError(f"split_layer of {t} must be in [0, {depth}], got {layer}")
+    return out
 
 
 @dataclass
@@ -54,18 +72,14 @@ class VideoStream:
     recompute every row that changed. Defaults to ``engine.temporal_thresholds`` (what a suite
     stores). ``collect_stats``: count the executed FLOPs per frame (``last_flops``)."""
 
-    def __init__(self, engine: SharedEngine, keyframe_every: int = 8, split_layer: int | None = None,
+    def __init__(self, engine: SharedEngine, keyframe_every: int = 8, split_layer: SplitLayer = None,
                  thresholds: Mapping[str, Mapping[str, float]] | None = None, tasks: list[str] | None = None,
                  collect_stats: bool = False):
-        depth = engine.cfg.depth
-        split_layer = depth // 2 if split_layer is None else split_layer
         if keyframe_every < 1:
             raise ValueError(f"keyframe_every must be >= 1, got {keyframe_every}")
-        if not 0 <= split_layer <= depth:
-            raise ValueError(f"split_layer must be in [0, {depth}], got {split_layer}")
         self.engine = engine
         self.keyframe_every = keyframe_every
-        self.split_layer = split_layer
+        self.split_layers = split_layers(engine, split_layer)
         self.tasks = list(tasks) if tasks is not None else engine.tasks
         src = engine.temporal_thresholds if thresholds is None else thresholds
         self.thresholds = {t: {k: float(v) for k, v in src.get(t, {}).items()} for t in engine.tasks}
@@ -83,6 +97,14 @@ class VideoStream:
     @property
     def frames_seen(self) -> int:
         return self._count
+
+    @property
+    def split_layer(self) -> int | dict[str, int]:
+        """The split layer: one number when every sub-task has the same, else ``{task: layer}``."""
+        layers = set(self.split_layers.values())
+        if not layers:  # the base alone: nothing to split
+            return self.engine.cfg.depth // 2
+        return layers.pop() if len(layers) == 1 else dict(self.split_layers)
 
     @torch.inference_mode()
     def push(self, frame: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -126,15 +148,14 @@ class VideoStream:
         eng = self.engine
         w_b, b_b = eng.base[f"{name}.weight"], eng.base[f"{name}.bias"]
         y_b = self._rows(eng.base_task, name, x_b, lambda r: F.linear(r, w_b, b_b)).reshape(*x_b.shape[:-1], -1)
-        own = i >= self.split_layer
-        shared = subs if (self._key or not own) else []
+        own = [s for s in subs if i >= self.split_layers[s.name]]
+        shared = subs if self._key else [s for s in subs if i < self.split_layers[s.name]]
         ys = eng._linear(name, x_b, xs, shared, y_b=y_b)[1] if shared else {}
-        if own:  # sub-tasks on their own temporal caches (filled from the keyframe's outputs)
-            for s in subs:
-                w, bias = eng._merged(name, s.linears[name])
-                y = self._rows(s.name, name, xs[s.name], lambda r, w=w, bias=bias: F.linear(r, w, bias),
-                               keyframe_out=ys.get(s.name))
-                ys[s.name] = y.reshape(*x_b.shape[:-1], -1)
+        for s in own:  # sub-tasks on their own temporal caches (filled from the keyframe's outputs)
+            w, bias = eng._merged(name, s.linears[name])
+            y = self._rows(s.name, name, xs[s.name], lambda r, w=w, bias=bias: F.linear(r, w, bias),
+                           keyframe_out=ys.get(s.name))
+            ys[s.name] = y.reshape(*x_b.shape[:-1], -1)
         return y_b, ys
 
     def _head(self, task: str, feats: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -200,7 +221,7 @@ class VideoStream:
 # --- calibration --------------------------------------------------------------------------------
 
 
-def _change_scales(engine: SharedEngine, clips: Iterable[torch.Tensor], keyframe_every: int, split_layer: int,
+def _change_scales(engine: SharedEngine, clips: Iterable[torch.Tensor], keyframe_every: int, split_layer: SplitLayer,
                    thresholds: Mapping[str, Mapping[str, float]], tasks: list[str]) -> dict[str, dict[str, float]]:
     """Per task and layer, the median over rows of the max-abs change of the layer's input
     between consecutive frames, streamed over ``clips`` (τ = 0 but for ``thresholds``): a row's
@@ -228,7 +249,7 @@ def _change_scales(engine: SharedEngine, clips: Iterable[torch.Tensor], keyframe
 
 
 def uncalibrated_thresholds(engine: SharedEngine, frames: torch.Tensor, scale: float, keyframe_every: int,
-                            split_layer: int) -> dict[str, dict[str, float]]:
+                            split_layer: SplitLayer) -> dict[str, dict[str, float]]:
     """τ = ``scale`` × each layer's typical frame-to-frame change on ``frames`` (no metric is
     checked: synthetic benchmarks); sets and returns ``engine.temporal_thresholds``."""
     changes = _change_scales(engine, [frames], keyframe_every, split_layer, {}, engine.tasks)
@@ -241,7 +262,7 @@ MetricFn = Callable[[str, list[int], list[torch.Tensor]], float]
 
 
 def calibrate_stream(engine: SharedEngine, clips: list[torch.Tensor], metric: MetricFn, tolerance: float = 0.01,
-                     *, keyframe_every: int = 8, split_layer: int | None = None, steps: int = 8,
+                     *, keyframe_every: int = 8, split_layer: SplitLayer = None, steps: int = 8,
                      scale_range: tuple[float, float] = (0.05, 20.0), tasks: list[str] | None = None,
                      log: Callable[[str], None] | None = None) -> dict:
     """Temporal τ for every task and layer such that each task's metric, streamed over ``clips``
@@ -272,7 +293,7 @@ def calibrate_stream(engine: SharedEngine, clips: list[torch.Tensor], metric: Me
     ``engine.temporal_thresholds`` (a suite calibrates the base first, then each sub-task on
     top of it).
     """
-    split_layer = engine.cfg.depth // 2 if split_layer is None else split_layer
+    split_layer = VideoStream(engine, keyframe_every, split_layer).split_layer  # checked; one number if all equal
     tasks = list(tasks) if tasks is not None else engine.tasks
     fixed = {t: dict(v) for t, v in engine.temporal_thresholds.items() if t not in tasks}
     parts = [list(range(len(clips)))] + ([[c] for c in range(len(clips))] if len(clips) > 1 else [])

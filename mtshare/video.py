@@ -119,7 +119,7 @@ def temporal_thresholds(engine, store: Path | None, path: Path, labelled, img_si
         st = engine.stream_settings or {}
         same = (st.get("keyframe_every"), st.get("split_layer")) == (keyframe_every, split_layer)
         return engine.temporal_thresholds, ("stored with the suite" + ("" if same else
-                                            f" (calibrated for keyframe every {st.get('keyframe_every')}, split layer "
+                                            f" (calibrated for keyframe every {st.get('keyframe_every')}, "
                                             f"{st.get('split_layer')}: not these settings)")), None
     if labelled is not None:
         dataset, root, _, _ = labelled
@@ -301,12 +301,19 @@ def bench_video(path: str | Path, workdir: str | Path | None = None, model: str 
     }
 
 
+def split_text(split_layer: int | dict[str, int]) -> str:
+    """"split layer 2", or per task "split layers: edge 4, sal 0"."""
+    if isinstance(split_layer, dict):
+        return "split layers: " + ", ".join(f"{t} {v}" for t, v in split_layer.items())
+    return f"split layer {split_layer}"
+
+
 def format_video_table(r: dict) -> str:
     c = r["config"]
     gf = 1e9
     lines = [
         f"bench --video {c['video']}: {c['frames']} frames {c['img']}x{c['img']}, {c['tasks']} tasks, "
-        f"{c['source']}; keyframe every {c['keyframe_every']}, split layer {c['split_layer']}, "
+        f"{c['source']}; keyframe every {c['keyframe_every']}, {split_text(c['split_layer'])}, "
         f"{c['device']} {c['threads']} threads",
         f"temporal thresholds: {c['temporal_thresholds']}"
         + ("" if r["calibration"] is None else "; κ " + ", ".join(f"{t} {k:.3g}" for t, k in r["calibration"]["scale"].items())),

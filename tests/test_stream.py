@@ -53,6 +53,24 @@ def test_stream_equals_the_engine_frame_by_frame_at_tau_zero(engine, size, keyfr
             assert _rel(out[t], ref[t]) < 1e-5, (t, stream.frames_seen)
 
 
+def test_per_task_split_layers_are_exact_at_tau_zero(engine):
+    """Each sub-task on its own plan (own caches from block 0, from block 2, or task deltas in
+    every block): still the engine's outputs at τ = 0."""
+    subs = [t for t in engine.tasks if t != engine.base_task]
+    depth = engine.cfg.depth
+    plan = {t: [0, 2, depth][k % 3] for k, t in enumerate(subs)}
+    stream = engine.stream(keyframe_every=5, split_layer=plan)
+    assert stream.split_layer == plan and stream.split_layers == plan
+    for frame in _clip((40, 40), 7, seed=11):
+        out = stream.push(frame)
+        ref = engine(frame[None])
+        for t in engine.tasks:
+            assert _rel(out[t], ref[t]) < 1e-5, (t, plan.get(t), stream.frames_seen)
+    assert engine.stream(split_layer={t: 1 for t in subs}).split_layer == 1  # one number when all agree
+    with pytest.raises(ValueError, match=f"split_layer of {subs[0]}"):
+        engine.stream(split_layer={subs[0]: depth + 1})
+
+
 def test_batched_cameras_and_reset(engine):
     clips = [_clip((32, 32), 4, seed=s) for s in (1, 2)]
     stream = engine.stream(keyframe_every=8, split_layer=1)

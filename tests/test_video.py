@@ -140,6 +140,7 @@ def test_a_suite_trained_on_sequences_stores_and_reports_its_stream(tiny_suite, 
     from mtshare import checkpoint as ckpt
     from mtshare.config import ConfigError, validate_suite
     from mtshare.infer import load_suite_engine
+    from mtshare.models.vit import FLAVORS
 
     root = synthesize_sequences("pascal_context", tmp_path / "data", sequences=6, frames=8, size=32, seed=4,
                                 camera="static")
@@ -152,9 +153,16 @@ def test_a_suite_trained_on_sequences_stores_and_reports_its_stream(tiny_suite, 
     store = tmp_path / "run" / "store"
     for stage in ("base", "sal/step3"):
         stream = ckpt.read_manifest(store / stage / "model.safetensors")["stream"]
-        assert stream["keyframe_every"] == 4 and stream["split_layer"] == 0
+        assert stream["keyframe_every"] == 4
         assert stream["frames"] == 16 and stream["clips"] == 2  # the 2 val sequences, every frame
         assert 0 < stream["flops"] <= stream["flops_engine"] * 1.5
+    # sal's plan: its own caches from block 0 (as configured) or task deltas in every block,
+    # whichever streamed the holdout with fewer FLOPs
+    depth = FLAVORS[cfg.model.flavor]["depth"]
+    plans = stream["calibration"]["plans"]
+    assert set(plans) == {"0", str(depth)} and all(v > 0 for v in plans.values())
+    split = stream["split_layer"]
+    assert plans[str(split)] == min(plans.values())
     from mlflow.tracking import MlflowClient
 
     state = json.loads((store / "state.json").read_text())
@@ -164,7 +172,7 @@ def test_a_suite_trained_on_sequences_stores_and_reports_its_stream(tiny_suite, 
     assert len(temporal) == 2 and all(m.value > 0 for m in temporal)  # step3 trained on 2-frame clips
     engine, _ = load_suite_engine(store)
     assert set(engine.temporal_thresholds) == {"semseg", "sal"}
-    assert engine.stream_settings == {"keyframe_every": 4, "split_layer": 0}
+    assert engine.stream_settings == {"keyframe_every": 4, "split_layer": split}
 
     r = _launcher("report", "--workdir", str(tmp_path / "run"), "--format", "json")
     assert r.returncode == 0, r.stderr
@@ -182,7 +190,7 @@ def test_a_suite_trained_on_sequences_stores_and_reports_its_stream(tiny_suite, 
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["config"]["temporal_thresholds"] == "stored with the suite"
-    assert out["config"]["keyframe_every"] == 4 and out["config"]["split_layer"] == 0
+    assert out["config"]["keyframe_every"] == 4 and out["config"]["split_layer"] == split
 
     still = validate_suite(tiny_suite("stillstream", tasks=("sal",), steps=("step1",), iters=2,
                                       stream={"keyframe_every": 4}), workdir=str(tmp_path / "still"))
