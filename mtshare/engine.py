@@ -527,11 +527,12 @@ class SharedEngine(nn.Module):
         return self._head_flops[key]
 
     def _block(self, i: int, xb: torch.Tensor, xs: dict[str, torch.Tensor], subs: list[_SubTask],
-               linear: Callable | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+               linear: Callable | None = None, mlp: Callable | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One timm ``Block`` (pre-norm attention + MLP, no layer scale) for the base and every
         sub-task in lockstep: each linear runs for the base first, then for all sub-tasks at
         once, so their gathered rows share one GEMM with ``W_b`` (one weight packing, one call).
-        ``linear``: how the linears run (default :meth:`_linear`; a video stream passes its own)."""
+        ``linear``: how the linears run (default :meth:`_linear`); ``mlp(path, x_b, xs, subs)``:
+        how the MLP runs (default: fc1, GELU, fc2 through ``linear``). A video stream passes its own."""
         pre = f"blocks.{i}."
         linear = linear or self._linear
         b, n, d = xb.shape
@@ -550,8 +551,11 @@ class SharedEngine(nn.Module):
         yb, ys = linear(pre + "attn.proj", attention(yb), {t: attention(y) for t, y in ys.items()}, subs)
         xb, xs = xb + yb, {t: xs[t] + ys[t] for t in xs}
         yb, ys = norm(pre + "norm2", xb, xs)
-        yb, ys = linear(pre + "mlp.fc1", yb, ys, subs)
-        yb, ys = linear(pre + "mlp.fc2", F.gelu(yb), {t: F.gelu(y) for t, y in ys.items()}, subs)
+        if mlp is None:
+            yb, ys = linear(pre + "mlp.fc1", yb, ys, subs)
+            yb, ys = linear(pre + "mlp.fc2", F.gelu(yb), {t: F.gelu(y) for t, y in ys.items()}, subs)
+        else:
+            yb, ys = mlp(pre + "mlp", yb, ys, subs)
         return xb + yb, {t: xs[t] + ys[t] for t in xs}
 
     def _linear(self, name: str, x_b: torch.Tensor, xs: dict[str, torch.Tensor], subs: list[_SubTask],

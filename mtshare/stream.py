@@ -129,7 +129,8 @@ class VideoStream:
         hb = self._rows(eng.base_task, PATCH, patches, lambda r: F.linear(r, w_pe, eng.base[f"{PATCH}.bias"]))
         hb, hs = eng._embed(x, subs, hb=hb.reshape(b, -1, eng.cfg.embed_dim))
         for i in range(eng.cfg.depth):
-            hb, hs = eng._block(i, hb, hs, subs, linear=lambda *a, i=i: self._linear(i, *a))
+            hb, hs = eng._block(i, hb, hs, subs, linear=lambda *a, i=i: self._linear(i, *a),
+                                mlp=lambda *a, i=i: self._mlp(i, *a))
         feats = {eng.base_task: hb, **hs}
         n_tok, h, w = hb.shape[1], H // p, W // p
         out = {}
@@ -156,6 +157,41 @@ class VideoStream:
             y = self._rows(s.name, name, xs[s.name], lambda r, w=w, bias=bias: F.linear(r, w, bias),
                            keyframe_out=ys.get(s.name))
             ys[s.name] = y.reshape(*x_b.shape[:-1], -1)
+        return y_b, ys
+
+    def _mlp(self, i: int, name: str, x_b: torch.Tensor, xs: dict[str, torch.Tensor],
+             subs: list[_SubTask]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The block's MLP ``fc2(GELU(fc1(x)))`` as one row-wise layer (``blocks.<i>.mlp``): a row
+        whose input moved by τ runs both linears and the GELU, the others keep their output. One
+        gate instead of two, and unchanged rows skip the GELU too. The base's cache keeps fc1's
+        output beside the MLP's: sub-tasks that take their task deltas over the base (blocks
+        before their split, and keyframes) need both."""
+        eng = self.engine
+        fc1, fc2 = f"{name}.fc1", f"{name}.fc2"
+        hidden, d = eng.base[f"{fc1}.weight"].shape
+        row_flops = 2.0 * 2 * d * hidden
+        shape = x_b.shape[:-1]
+
+        def unit(w1, b1, w2, b2, keep_hidden=False):
+            def fn(r):
+                h = F.linear(r, w1, b1)
+                y = F.linear(F.gelu(h), w2, b2)
+                return torch.cat([h, y], dim=-1) if keep_hidden else y
+            return fn
+
+        base = unit(*(eng.base[f"{fc}.{p}"] for fc in (fc1, fc2) for p in ("weight", "bias")), keep_hidden=True)
+        out = self._rows(eng.base_task, name, x_b, base, row_flops=row_flops)
+        hb, y_b = out[:, :hidden].reshape(*shape, hidden), out[:, hidden:].reshape(*shape, d)
+        shared = subs if self._key else [s for s in subs if i < self.split_layers[s.name]]
+        ys: dict[str, torch.Tensor] = {}
+        if shared:  # the engine's task-delta path, over the base's fc1 and fc2
+            hs = eng._linear(fc1, x_b, xs, shared, y_b=hb)[1]
+            ys = eng._linear(fc2, F.gelu(hb), {t: F.gelu(h) for t, h in hs.items()}, shared, y_b=y_b)[1]
+        for s in subs:
+            if i >= self.split_layers[s.name]:  # its own cache (filled from the keyframe's output)
+                own = unit(*eng._merged(fc1, s.linears[fc1]), *eng._merged(fc2, s.linears[fc2]))
+                y = self._rows(s.name, name, xs[s.name], own, keyframe_out=ys.get(s.name), row_flops=row_flops)
+                ys[s.name] = y.reshape(*shape, d)
         return y_b, ys
 
     def _head(self, task: str, feats: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -196,8 +232,9 @@ class VideoStream:
             self._cache[(task, name)] = _RowCache(x2.clone(), y.clone())
             self._count_flops(task, n, n, row_flops or 2.0 * d_in * y.shape[-1], counted=keyframe_out is not None)
             return y
-        delta = x2 - cache.x
-        rowmax = torch.maximum(delta.amax(dim=1), delta.amin(dim=1).neg_())
+        # max-abs per row in place on the temporary: on these small layers the number of calls,
+        # not their width, is the cost (the engine's max(amax, -amin) pays on wide ones)
+        rowmax = torch.sub(x2, cache.x).abs_().amax(dim=1)
         tau = self.thresholds.get(task, {}).get(name, 0.0)
         idx = (rowmax >= tau if tau > 0 else rowmax > 0).nonzero().squeeze(1)
         if idx.numel():
