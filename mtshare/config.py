@@ -74,7 +74,7 @@ class DatasetConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    flavor: str = Field("vit_debug", description="vit_debug | vit_tiny | vit_small | vit_base | vit_large")
+    flavor: str = Field("vit_debug", description="vit_debug | vit_mini | vit_tiny | vit_small | vit_base | vit_large")
     patch_size: int = Field(16, gt=0)
     pretrained: str | None = Field(None, description="local weight file or timm model name; loaded strictly")
 

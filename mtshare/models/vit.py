@@ -35,6 +35,9 @@ class ViTConfig:
 # Named flavors. `vit_debug` is the tiny model that drives tests and the demo.
 FLAVORS: dict[str, dict] = {
     "vit_debug": dict(embed_dim=64, depth=4, num_heads=2),
+    # twice as wide: still trains on 2 CPU cores, and wide enough that a linear's time follows
+    # its rows (video-stream benchmarks, docs/benchmarks.md)
+    "vit_mini": dict(embed_dim=128, depth=4, num_heads=2),
     "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
     "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
     "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
