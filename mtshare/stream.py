@@ -137,7 +137,8 @@ class VideoStream:
         self._run: dict[str, list[float]] = {t: [0.0, 0.0] for t in tasks}  # rows run, rows in (weighted)
 
         # The base's patch embedding as a linear over patches, row-gated like every linear.
-        patches = F.unfold(x, p, stride=p).transpose(1, 2).reshape(b * (H // p) * (W // p), -1)
+        # rows (c, kh, kw) like the conv weight; a reshape, not F.unfold (its im2col cost more than the GEMM)
+        patches = x.reshape(b, -1, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b * (H // p) * (W // p), -1)
         w_pe = eng.base[f"{PATCH}.weight"].reshape(eng.cfg.embed_dim, -1)
         hb = self._rows(eng.base_task, PATCH, patches, lambda r: F.linear(r, w_pe, eng.base[f"{PATCH}.bias"]))
         hb, hs = eng._embed(x, subs, hb=hb.reshape(b, -1, eng.cfg.embed_dim))
@@ -194,7 +195,8 @@ class VideoStream:
 
         base = unit(*(eng.base[f"{fc}.{p}"] for fc in (fc1, fc2) for p in ("weight", "bias")), keep_hidden=True)
         out = self._rows(eng.base_task, name, x_b, base, row_flops=row_flops)
-        hb, y_b = out[:, :hidden].reshape(*shape, hidden), out[:, hidden:].reshape(*shape, d)
+        # (contiguous: the task-delta path writes its sums over them, measured 2x slower on views)
+        hb, y_b = out[:, :hidden].reshape(*shape, hidden).contiguous(), out[:, hidden:].reshape(*shape, d).contiguous()
         shared = subs if self._key else [s for s in subs if i < self.split_layers[s.name]]
         ys: dict[str, torch.Tensor] = {}
         if shared:  # the engine's task-delta path, over the base's fc1 and fc2

@@ -16,6 +16,7 @@ result names its source.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -251,7 +252,9 @@ def bench_video(path: str | Path, workdir: str | Path | None = None, model: str 
         options = meter_options(video.store)
         for t in names:
             e, s = (op.pooled_value(t, dataset, outs[kind][t], labels[t], options.get(t)) for kind in ("engine", "stream"))
-            metrics[t] = {"engine": e, "stream": s, "rel_change": (s - e) / abs(e) if e else None}
+            # None where the frames hold nothing to score (e.g. human parts without a person)
+            e, s = (v if math.isfinite(v) else None for v in (e, s))
+            metrics[t] = {"engine": e, "stream": s, "rel_change": (s - e) / abs(e) if e and s is not None else None}
     err = {t: float((torch.cat(outs["stream"][t]) - torch.cat(outs["engine"][t])).norm()
                     / torch.cat(outs["engine"][t]).norm().clamp_min(1e-30)) for t in names}
     del outs
@@ -337,7 +340,7 @@ def format_video_table(r: dict) -> str:
         if r["metrics"]:
             m = r["metrics"][t]
             change = "-" if m["rel_change"] is None else f"{100 * m['rel_change']:+.2f}%"
-            line += f"{m['engine']:10.4f}{m['stream']:10.4f}{change:>9s}"
+            line += "".join("         -" if v is None else f"{v:10.4f}" for v in (m["engine"], m["stream"])) + f"{change:>9s}"
         lines.append(line)
     return "\n".join(lines)
 
