@@ -20,6 +20,7 @@ from mtshare.data import read_image
 from mtshare.data.transforms import normalize
 from mtshare.engine import SharedEngine
 from mtshare.report import STEP_ORDER, load_results
+from mtshare.stream import compact_split
 from mtshare.visualize import colorize, save_panel, to_prediction
 
 
@@ -67,7 +68,7 @@ def load_suite_engine(store: str | Path, device: str | torch.device = "cpu", **e
             if path != base_path:
                 splits[task] = stream["split_layer"]
     if engine.stream_settings and splits:
-        engine.stream_settings["split_layer"] = splits if len(set(splits.values())) > 1 else next(iter(splits.values()))
+        engine.stream_settings["split_layer"] = compact_split(splits)
     return engine, base_manifest
 
 

@@ -195,8 +195,6 @@ def stream_point(engine: SharedEngine, task: str, calib: list[tuple[torch.Tensor
     chosen = min(plans, key=lambda layer: tried[layer][0]["flops"])  # ties: the configured plan
     _, summary, engine.temporal_thresholds = tried[chosen]
     figures = _stream_figures(engine, task, val, dataset, keyframe_every, chosen, meter_options)
-    if not figures["frames"]:
-        raise ValueError(f"{task}: no val frames to stream")
     return {"keyframe_every": keyframe_every, "split_layer": chosen,
             "tau": dict(engine.temporal_thresholds.get(task, {})), "scale": summary["scale"][task],
             **figures, "clips": len(val),
@@ -233,8 +231,8 @@ def _stream_figures(engine: SharedEngine, task: str, clips: list[tuple[torch.Ten
                 frames += 1
     finally:
         engine.collect_stats = was
-    n = max(frames, 1)
-    return {"value": float(meters["stream"].compute()) if frames else float("nan"),
-            "value_engine": float(meters["engine"].compute()) if frames else float("nan"),
-            "flops": flops["stream"] / n, "flops_engine": flops["engine"] / n,
+    if not frames:
+        raise ValueError(f"{task}: no frames to stream")
+    return {"value": float(meters["stream"].compute()), "value_engine": float(meters["engine"].compute()),
+            "flops": flops["stream"] / frames, "flops_engine": flops["engine"] / frames,
             "rows_recomputed": sum(rows) / len(rows) if rows else None, "frames": frames}

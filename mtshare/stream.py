@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from mtshare.engine import PATCH, SharedEngine, TaskStats, _SubTask
 from mtshare.models.heads import UNSHUFFLE
 
-__all__ = ["VideoStream", "calibrate_stream", "split_layers", "uncalibrated_thresholds"]
+__all__ = ["VideoStream", "calibrate_stream", "compact_split", "split_layers", "uncalibrated_thresholds"]
 
 
 # One split layer for every sub-task, or one per sub-task (missing: half the depth); None: half the depth.
@@ -57,6 +57,12 @@ def split_layers(engine: SharedEngine, split_layer: SplitLayer) -> dict[str, int
         if not 0 <= layer <= depth:
             raise ValueError(f"split_layer of {t} must be in [0, {depth}], got {layer}")
     return out
+
+
+def compact_split(layers: Mapping[str, int]) -> int | dict[str, int] | None:
+    """``{task: split layer}`` as one number when every sub-task has the same (None: no sub-task)."""
+    values = set(layers.values())
+    return (values.pop() if len(values) == 1 else dict(layers)) if values else None
 
 
 def _row_change(x: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
@@ -114,10 +120,15 @@ class VideoStream:
     @property
     def split_layer(self) -> int | dict[str, int]:
         """The split layer: one number when every sub-task has the same, else ``{task: layer}``."""
-        layers = set(self.split_layers.values())
-        if not layers:  # the base alone: nothing to split
-            return self.engine.cfg.depth // 2
-        return layers.pop() if len(layers) == 1 else dict(self.split_layers)
+        split = compact_split(self.split_layers)
+        return self.engine.cfg.depth // 2 if split is None else split  # (the base alone: nothing to split)
+
+    def _routes(self, i: int, subs: list[_SubTask]) -> tuple[list[_SubTask], list[_SubTask]]:
+        """Block ``i``'s sub-tasks as (those on the engine's task-delta path, those on their own
+        temporal caches). On a keyframe all take the task-delta path; the own-cache ones then
+        fill their caches from its outputs."""
+        own = [s for s in subs if i >= self.split_layers[s.name]]
+        return (subs if self._key else [s for s in subs if i < self.split_layers[s.name]]), own
 
     @torch.inference_mode()
     def push(self, frame: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -163,8 +174,7 @@ class VideoStream:
         eng = self.engine
         w_b, b_b = eng.base[f"{name}.weight"], eng.base[f"{name}.bias"]
         y_b = self._rows(eng.base_task, name, x_b, lambda r: F.linear(r, w_b, b_b)).reshape(*x_b.shape[:-1], -1)
-        own = [s for s in subs if i >= self.split_layers[s.name]]
-        shared = subs if self._key else [s for s in subs if i < self.split_layers[s.name]]
+        shared, own = self._routes(i, subs)
         ys = eng._linear(name, x_b, xs, shared, y_b=y_b)[1] if shared else {}
         for s in own:  # sub-tasks on their own temporal caches (filled from the keyframe's outputs)
             w, bias = eng._merged(name, s.linears[name])
@@ -195,18 +205,18 @@ class VideoStream:
 
         base = unit(*(eng.base[f"{fc}.{p}"] for fc in (fc1, fc2) for p in ("weight", "bias")), keep_hidden=True)
         out = self._rows(eng.base_task, name, x_b, base, row_flops=row_flops)
-        # (contiguous: the task-delta path writes its sums over them, measured 2x slower on views)
-        hb, y_b = out[:, :hidden].reshape(*shape, hidden).contiguous(), out[:, hidden:].reshape(*shape, d).contiguous()
-        shared = subs if self._key else [s for s in subs if i < self.split_layers[s.name]]
+        y_b = out[:, hidden:].reshape(*shape, d)
+        shared, own = self._routes(i, subs)
         ys: dict[str, torch.Tensor] = {}
         if shared:  # the engine's task-delta path, over the base's fc1 and fc2
+            # (contiguous copies: that path writes its sums over them, measured 2x slower on views)
+            hb, y_b = out[:, :hidden].reshape(*shape, hidden).contiguous(), y_b.contiguous()
             hs = eng._linear(fc1, x_b, xs, shared, y_b=hb)[1]
             ys = eng._linear(fc2, F.gelu(hb), {t: F.gelu(h) for t, h in hs.items()}, shared, y_b=y_b)[1]
-        for s in subs:
-            if i >= self.split_layers[s.name]:  # its own cache (filled from the keyframe's output)
-                own = unit(*eng._merged(fc1, s.linears[fc1]), *eng._merged(fc2, s.linears[fc2]))
-                y = self._rows(s.name, name, xs[s.name], own, keyframe_out=ys.get(s.name), row_flops=row_flops)
-                ys[s.name] = y.reshape(*shape, d)
+        for s in own:  # its own cache (filled from the keyframe's output)
+            fn = unit(*eng._merged(fc1, s.linears[fc1]), *eng._merged(fc2, s.linears[fc2]))
+            y = self._rows(s.name, name, xs[s.name], fn, keyframe_out=ys.get(s.name), row_flops=row_flops)
+            ys[s.name] = y.reshape(*shape, d)
         return y_b, ys
 
     def _head(self, task: str, feats: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -342,7 +352,7 @@ def calibrate_stream(engine: SharedEngine, clips: list[torch.Tensor], metric: Me
     ``engine.temporal_thresholds`` (a suite calibrates the base first, then each sub-task on
     top of it).
     """
-    split_layer = VideoStream(engine, keyframe_every, split_layer).split_layer  # checked; one number if all equal
+    split_layer = compact_split(split_layers(engine, split_layer))  # checked; one number if all equal
     tasks = list(tasks) if tasks is not None else engine.tasks
     fixed = {t: dict(v) for t, v in engine.temporal_thresholds.items() if t not in tasks}
     parts = [list(range(len(clips)))] + ([[c] for c in range(len(clips))] if len(clips) > 1 else [])
