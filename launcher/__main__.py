@@ -103,6 +103,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--workdir")
     b.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     b.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's default)")
+    b.add_argument("--repeats", type=int, help="timed repeats (default: as many as fit in about 20 s; "
+                                               "--video: 5 passes over the video)")
     b.add_argument("--format", choices=["table", "json"], default="table")
     b.add_argument("--video", help="a folder of frames or a video file: N dense models vs the engine frame by frame "
                                    "vs the temporal stream, per frame")

@@ -261,16 +261,18 @@ def cmd_bench(args) -> int:
             _local_store(Path(args.workdir))
         if args.threads is not None and args.threads < 1:
             raise BenchInputError(f"--threads: must be >= 1, got {args.threads}")
+        if args.repeats is not None and args.repeats < 1:
+            raise BenchInputError(f"--repeats: must be >= 1, got {args.repeats}")
         if args.video:
             from mtshare.video import bench_video, format_video_table
 
             result = bench_video(args.video, args.workdir, args.model, args.img, args.keyframe_every, args.split_layer,
                                  args.tolerance, args.device, args.threads, temporal_scale=args.temporal_scale,
-                                 log=(lambda s: None) if args.format == "json" else (lambda s: print(s, file=sys.stderr)))
+                                 passes=5 if args.repeats is None else args.repeats, log=(lambda s: None) if args.format == "json" else (lambda s: print(s, file=sys.stderr)))
             print(json.dumps(json_safe(result)) if args.format == "json" else format_video_table(result))
             return 0
         result = run_bench(args.model, args.img, args.batch, args.tasks, args.sparsity, args.workdir, args.device,
-                           threads=args.threads,
+                           threads=args.threads, repeats=args.repeats,
                            log=(lambda s: None) if args.format == "json" else (lambda s: print(s, file=sys.stderr)))
     except BenchInputError as e:
         raise UserError(str(e)) from None

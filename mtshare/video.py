@@ -199,7 +199,7 @@ def stream_settings(engine, keyframe_every: int | None, split_layer: int | None)
 def bench_video(path: str | Path, workdir: str | Path | None = None, model: str = "vit_small", img: int = 224,
                 keyframe_every: int | None = None, split_layer: int | None = None, tolerance: float = 0.01,
                 device: str = "cpu", threads: int | None = None, temporal_scale: float | None = None,
-                log: Callable[[str], None] | None = None) -> dict:
+                passes: int = 5, log: Callable[[str], None] | None = None) -> dict:
     """Per frame, side by side in one process: N independent dense models, the engine frame by
     frame, and the temporal stream (the ``bench --video --format json`` object)."""
     from mtshare import flops
@@ -208,6 +208,8 @@ def bench_video(path: str | Path, workdir: str | Path | None = None, model: str 
     log = log or (lambda s: None)
     if keyframe_every is not None and keyframe_every < 1:
         raise BenchInputError(f"--keyframe-every: must be >= 1, got {keyframe_every}")
+    if passes < 1:
+        raise BenchInputError(f"--repeats: must be >= 1, got {passes}")
     if threads:
         torch.set_num_threads(threads)
     path = Path(path)
@@ -259,36 +261,47 @@ def bench_video(path: str | Path, workdir: str | Path | None = None, model: str 
                     / torch.cat(outs["engine"][t]).norm().clamp_min(1e-30)) for t in names}
     del outs
 
-    # Pass 2 (timed): per frame, the three in turn (order alternating), stats off.
+    # Pass 2 (timed): ``passes`` times over the video, the stream reset at each start; per frame,
+    # the three in turn (order alternating), stats off. A pass's figures are its per-frame means;
+    # the reported ones are the medians over passes (the ratio: of each pass's own ratio, so a
+    # slow minute on a shared machine weighs on both sides of it).
     engine.collect_stats = False
     stream = engine.stream(keyframe_every, split_layer)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    times = {"independent": [], "engine": [], "stream": []}
     runs = {"independent": lambda x: [dense[t](x[None]) for t in names], "engine": lambda x: engine(x[None]),
             "stream": stream.push}
+    per_pass = {"independent": [], "engine": [], "stream": []}
     with torch.inference_mode():
         for t in names:  # warm-up (not the stream: its state is the video's)
             dense[t](frames[:1])
         engine(frames[:1])
-        for f, frame in enumerate(frames):
-            order = ("independent", "engine", "stream") if f % 2 == 0 else ("stream", "engine", "independent")
-            for kind in order:
-                t0 = time.perf_counter()
-                runs[kind](frame)
-                sync()
-                times[kind].append((time.perf_counter() - t0) * 1e3)
-    ms = {k: statistics.fmean(v) for k, v in times.items()}
+        for p in range(passes):
+            stream.reset()
+            times = {k: [] for k in per_pass}
+            for f, frame in enumerate(frames):
+                order = ("independent", "engine", "stream") if (f + p) % 2 == 0 else ("stream", "engine", "independent")
+                for kind in order:
+                    t0 = time.perf_counter()
+                    runs[kind](frame)
+                    sync()
+                    times[kind].append((time.perf_counter() - t0) * 1e3)
+            for k, v in times.items():
+                per_pass[k].append(statistics.fmean(v))
+            log(f"pass {p + 1}/{passes}: stream / engine time {per_pass['stream'][-1] / per_pass['engine'][-1]:.3f}")
+    ms = {k: statistics.median(v) for k, v in per_pass.items()}
+    pass_ratios = [s / e for s, e in zip(per_pass["stream"], per_pass["engine"])]
     eng_f, str_f = statistics.fmean(engine_flops), statistics.fmean(stream_flops)
     return {
         "config": {"video": str(path), "frames": len(frames), "img": size,
                    "source": str(workdir) if workdir else "synthetic (random weights, 90 % sparse random deltas)",
                    "model": f"{engine.cfg.embed_dim}d/{depth}L" if workdir else model, "patch": engine.cfg.patch_size,
                    "tasks": len(names), "task_names": names, "keyframe_every": keyframe_every,
-                   "split_layer": split_layer, "device": device, "threads": torch.get_num_threads(),
+                   "split_layer": split_layer, "device": device, "threads": torch.get_num_threads(), "passes": passes,
                    "temporal_thresholds": source, "labelled": labels is not None, "content": list(video.content)},
         "independent_ms": ms["independent"], "engine_ms": ms["engine"], "stream_ms": ms["stream"],
         "time_ratio": ms["engine"] / ms["independent"],
-        "stream_time_ratio": ms["stream"] / ms["engine"],
+        "stream_time_ratio": statistics.median(pass_ratios),
+        "stream_time_ratio_passes": pass_ratios,
         "flops": {"independent": dense_flops, "engine": eng_f, "stream": str_f},
         "flops_ratio": eng_f / dense_flops,
         "stream_flops_ratio": str_f / eng_f,
@@ -321,12 +334,14 @@ def format_video_table(r: dict) -> str:
         f"temporal thresholds: {c['temporal_thresholds']}"
         + ("" if r["calibration"] is None else "; κ " + ", ".join(f"{t} {k:.3g}" for t, k in r["calibration"]["scale"].items())),
         "",
-        f"{'per frame':28s}{'mean ms':>10s}{'GFLOPs':>10s}",
+        f"{'per frame':28s}{'ms':>10s}{'GFLOPs':>10s}   (ms: median over {c['passes']} passes of the per-frame mean)",
         f"{'independent (' + str(c['tasks']) + ' dense)':28s}{r['independent_ms']:10.2f}{r['flops']['independent'] / gf:10.3f}",
         f"{'engine, frame by frame':28s}{r['engine_ms']:10.2f}{r['flops']['engine'] / gf:10.3f}",
         f"{'stream':28s}{r['stream_ms']:10.2f}{r['flops']['stream'] / gf:10.3f}",
         "",
         f"stream / engine: FLOPs {r['stream_flops_ratio']:.3f}, time {r['stream_time_ratio']:.3f}"
+        + (f" (passes {min(r['stream_time_ratio_passes']):.3f}-{max(r['stream_time_ratio_passes']):.3f})"
+           if len(r["stream_time_ratio_passes"]) > 1 else "")
         + (f" (FLOPs on non-keyframes {r['stream_flops_ratio_non_keyframes']:.3f})"
            if r["stream_flops_ratio_non_keyframes"] is not None else "")
         + f" | engine / independent: FLOPs {r['flops_ratio']:.3f}, time {r['time_ratio']:.3f}",

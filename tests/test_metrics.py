@@ -194,6 +194,31 @@ def test_odsf_perfect_is_one():
     assert m.compute() == pytest.approx(1.0, abs=TOL)
 
 
+def test_odsf_is_deterministic():
+    """The BSDS matcher's random outlier graph is seeded before every match: the same maps
+    match the same pixels in every call (clock-seeded, 2 of 6 repeats of this match differed)."""
+    import numpy as np
+
+    from mtshare.metrics import seeded_correspond_pixels
+
+    rng = np.random.default_rng(0)
+    a, b = (rng.random((64, 64)) > 0.8 for _ in range(2))
+    match = seeded_correspond_pixels()
+    runs = {tuple(int((m > 0).sum()) for m in match(a.astype(float), b.astype(float), max_dist=0.02)[:2])
+            for _ in range(12)}
+    assert len(runs) == 1
+    # and through the meter: noisy maps at many thresholds, evaluated again from scratch
+    g = torch.Generator().manual_seed(0)
+    gt = (torch.rand(2, 64, 64, generator=g) > 0.85).long()
+    logits = torch.randn(2, 1, 64, 64, generator=g) * 2
+    values = set()
+    for _ in range(4):
+        m = ODSFMeter(max_dist=0.02, n_thresholds=9)
+        m.update(logits, gt)
+        values.add(tuple(m.f_scores().tolist()))
+    assert len(values) == 1
+
+
 def test_odsf_far_away_is_zero():
     gt = edge_gt()
     pred = torch.zeros_like(gt)

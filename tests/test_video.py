@@ -54,11 +54,14 @@ def _val_sequence(root: Path) -> Path:
 
 def test_bench_video_on_a_labelled_sequence(suite_dir, frames_root):
     r = _launcher("bench", "--video", str(_val_sequence(frames_root)), "--workdir", str(suite_dir),
-                  "--keyframe-every", "3", "--split-layer", "0", "--threads", "1", "--format", "json")
+                  "--keyframe-every", "3", "--split-layer", "0", "--threads", "1", "--repeats", "3", "--format", "json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     for key in ("independent_ms", "engine_ms", "stream_ms", "stream_flops_ratio", "stream_time_ratio"):
         assert out[key] > 0, key
+    # timed over 3 passes: the ratio is the median of the passes' own ratios
+    passes = out["stream_time_ratio_passes"]
+    assert out["config"]["passes"] == len(passes) == 3 and out["stream_time_ratio"] == sorted(passes)[1]
     assert out["config"]["labelled"] and out["config"]["frames"] == 6
     assert "calibrated on train sequences" in out["config"]["temporal_thresholds"]
     assert out["stream_flops_ratio"] == pytest.approx(out["flops"]["stream"] / out["flops"]["engine"])
@@ -120,6 +123,7 @@ def test_infer_video_writes_panels_and_the_animation(suite_dir, frames_root, tmp
     (["bench", "--video", "EMPTY", "--model", "vit_debug", "--img", "32"], "no frames"),
     (["bench", "--video", "EMPTY", "--model", "vit_debug", "--keyframe-every", "0"], "--keyframe-every"),
     (["bench", "--video", "CLIP", "--model", "vit_debug", "--img", "32", "--temporal-scale", "0"], "--temporal-scale"),
+    (["bench", "--video", "CLIP", "--model", "vit_debug", "--img", "32", "--repeats", "0"], "--repeats"),
 ])
 def test_video_bad_input(args, names, tmp_path, frames_root):
     (tmp_path / "empty").mkdir()
