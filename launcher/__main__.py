@@ -100,6 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", type=int, default=1)
     b.add_argument("--tasks", type=int, default=5)
     b.add_argument("--sparsity", type=float, default=0.9)
+    b.add_argument("--delta-gates", choices=["element", "column"], default="element",
+                   help="synthetic deltas: zeros at random entries, or whole zero input columns (column gates)")
     b.add_argument("--workdir")
     b.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     b.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's default)")

@@ -272,7 +272,7 @@ def cmd_bench(args) -> int:
             print(json.dumps(json_safe(result)) if args.format == "json" else format_video_table(result))
             return 0
         result = run_bench(args.model, args.img, args.batch, args.tasks, args.sparsity, args.workdir, args.device,
-                           threads=args.threads, repeats=args.repeats,
+                           threads=args.threads, repeats=args.repeats, delta_gates=args.delta_gates,
                            log=(lambda s: None) if args.format == "json" else (lambda s: print(s, file=sys.stderr)))
     except BenchInputError as e:
         raise UserError(str(e)) from None

@@ -67,18 +67,29 @@ class BenchInputError(ValueError):
 # --- synthetic suites ---------------------------------------------------------------------------
 
 def synthetic_deltas(encoder_sd: dict[str, torch.Tensor], sparsity: float, scale: float = 0.05,
-                     seed: int = 0) -> dict[str, torch.Tensor]:
-    """A delta per encoder tensor with exactly ``round(sparsity · numel)`` zeros at random places."""
+                     seed: int = 0, gates: str = "element") -> dict[str, torch.Tensor]:
+    """A delta per encoder tensor with exactly ``round(sparsity · numel)`` zeros at random places
+    (``gates="column"``: of each weight matrix, ``round(sparsity · d_in)`` whole input columns
+    are zero, as column gates leave them; vectors as with element gates)."""
     g = torch.Generator().manual_seed(seed)
     out = {}
     for name, w in encoder_sd.items():
+        rms = max(float(w.float().pow(2).mean().sqrt()) or 1.0, 0.02)
+        if gates == "column" and w.dim() >= 2:
+            w2 = w.reshape(w.shape[0], -1)
+            n_cols = w2.shape[1]
+            keep = n_cols - int(round(sparsity * n_cols))
+            d = torch.zeros(w2.shape)
+            cols = torch.randperm(n_cols, generator=g)[:keep]
+            d[:, cols] = torch.randn(w2.shape[0], keep, generator=g) * scale * rms
+            out[name] = d.reshape(w.shape).to(w.dtype)
+            continue
         n = w.numel()
         keep = n - int(round(sparsity * n))
         flat = torch.zeros(n)
         if keep:
             idx = torch.randperm(n, generator=g)[:keep]
-            rms = float(w.float().pow(2).mean().sqrt()) or 1.0
-            flat[idx] = torch.randn(keep, generator=g) * scale * max(rms, 0.02)
+            flat[idx] = torch.randn(keep, generator=g) * scale * rms
         out[name] = flat.reshape(w.shape).to(w.dtype)
     return out
 
@@ -88,7 +99,8 @@ def task_names(n_tasks: int) -> list[str]:
     return [PASCAL_TASKS[i % 5] + (f"#{i // 5 + 1}" if i >= 5 else "") for i in range(n_tasks)]
 
 
-def synthetic_engine(model: str, patch: int, n_tasks: int, sparsity: float, seed: int = 0, **engine_kw) -> SharedEngine:
+def synthetic_engine(model: str, patch: int, n_tasks: int, sparsity: float, seed: int = 0, gates: str = "element",
+                     **engine_kw) -> SharedEngine:
     names = task_names(n_tasks)
     torch.manual_seed(seed)
     base = build_model(model, patch, names[0], PASCAL_CHANNELS[names[0]]).eval()
@@ -96,7 +108,7 @@ def synthetic_engine(model: str, patch: int, n_tasks: int, sparsity: float, seed
     subs = {}
     for i, t in enumerate(names[1:], start=1):
         kind = t.split("#")[0]
-        subs[t] = (synthetic_deltas(enc_sd, sparsity, seed=seed + i),
+        subs[t] = (synthetic_deltas(enc_sd, sparsity, seed=seed + i, gates=gates),
                    build_head(kind, base.encoder.cfg.embed_dim, PASCAL_CHANNELS[kind]).eval())
     return SharedEngine(base.encoder.cfg, names[0], enc_sd, base.head, subs, **engine_kw)
 
@@ -136,7 +148,7 @@ def run_bench(model: str = "vit_small", img: int = 224, batch: int = 1, tasks: i
               workdir: str | None = None, device: str = "cpu", *, act_sparsity: float | None = None,
               patch: int = 16, threshold_mode: str = "token", repeats: int | None = None, warmup: int = 1,
               budget_s: float = 20.0, seed: int = 0, policy: SparsePolicy | None = None, threads: int | None = None,
-              log: Callable[[str], None] | None = None) -> dict:
+              delta_gates: str = "element", log: Callable[[str], None] | None = None) -> dict:
     """Run the benchmark; returns the result dict (the ``bench --format json`` object)."""
     log = log or (lambda s: None)
     if tasks < 1:
@@ -156,7 +168,7 @@ def run_bench(model: str = "vit_small", img: int = 224, batch: int = 1, tasks: i
         img = x.shape[-1]
         source = str(workdir)
     else:
-        engine = synthetic_engine(model, patch, tasks, sparsity, seed=seed, **kw)
+        engine = synthetic_engine(model, patch, tasks, sparsity, seed=seed, gates=delta_gates, **kw)
         source = "synthetic"
     cfg = engine.cfg
     if img % cfg.patch_size:
@@ -243,6 +255,7 @@ def run_bench(model: str = "vit_small", img: int = 224, batch: int = 1, tasks: i
             "model": f"{cfg.embed_dim}d/{cfg.depth}L" if workdir else model, "patch": cfg.patch_size, "img": img,
             "batch": batch, "tasks": len(names), "task_names": names, "base_task": engine.base_task,
             "sparsity": None if workdir else sparsity, "act_sparsity": None if workdir else act_sparsity,
+            "delta_gates": None if workdir else delta_gates,
             "threshold_mode": threshold_mode, "source": source, "device": device, "dtype": "float32",
             "threads": torch.get_num_threads(), "repeats": repeats, "warmup": warmup,
             # other processes on the machine: the 1-min load average before and after the run
@@ -371,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--act-sparsity", type=float, default=None, help="token rows dropped (default: --sparsity)")
     p.add_argument("--mode", choices=["token", "element"], default="token", help="threshold mode")
+    p.add_argument("--delta-gates", choices=["element", "column"], default="element",
+                   help="synthetic deltas: zeros at random entries, or whole zero input columns (column gates)")
     p.add_argument("--workdir")
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=None)
@@ -389,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     for s in sparsities:
         r = run_bench(a.model, a.img, a.batch, a.tasks, s, a.workdir, a.device,
                       act_sparsity=a.act_sparsity, threshold_mode=a.mode, repeats=a.repeats, warmup=a.warmup,
-                      threads=a.threads, log=log)
+                      threads=a.threads, delta_gates=a.delta_gates, log=log)
         print(json.dumps(r) if a.format == "json" else format_table(r) + "\n", flush=True)
     return 0
 

@@ -112,6 +112,10 @@ class OptimConfig(_Strict):
     target_weight_sparsity: float | None = Field(
         None, ge=0, lt=1, description="step1: fraction of zero delta weights to reach; λ (on the mean expected "
         "L0) is adapted during training and the smallest deltas are closed at the end if it falls short")
+    delta_gates: Literal["element", "column"] = Field(
+        "element", description="step1 gate structure: 'element' = one L0 gate per delta entry (the reference's); "
+        "'column' = one per input column of each weight matrix, so whole columns of δ open or close and the "
+        "engine runs the delta as a small dense GEMM on the gathered columns instead of a CSR product")
     act_penalty: Literal["row", "element"] = Field(
         "row", description="step3 penalty: 'row' = group lasso on the token rows of the four linear inputs the "
         "engine thresholds, normalised by the base rows' norm and by the task loss (weight act_row); 'element' = the reference's c·Σ|a_s − a_b| on six outputs "

@@ -24,6 +24,9 @@ weight part ``(M ⊙ δ) · x_s``
                on CPU). On the 2-core CPU this was 2–4× faster than ``torch.sparse.mm`` on the
                same CSR tensor and as fast as a simple hand-written AVX2 kernel we tried
                (see docs/benchmarks.md);
+    ``cols``   δ's non-zeros fill a few input columns (column gates, ``delta_gates: column``):
+               the non-zero columns as one small dense block, the product one GEMM on the
+               gathered input columns ``x_s[:, cols]`` (no per-entry indexing);
     ``dense``  δ too dense to pay: the layer keeps one merged weight ``W_b + M ⊙ δ`` and runs as
                a single dense GEMM, exactly (its τ is not applied).
 activation part ``W_b · T_τ(x_s − x_b)``
@@ -89,11 +92,15 @@ class SparsePolicy:
     ``csr_weight_max``  a delta weight stays CSR up to this density, denser ones are merged into
                         one dense weight (0.16 / 0.27 / 0.44 / 0.49 / 0.63 at 1 / 5 / 10 / 15 /
                         20 %: a CSR weight at 15 % still pays while under half the rows survive).
+    ``cols_fill_min``   a sparse delta weight whose non-zeros fill at least this fraction of its
+                        non-zero input columns runs as a dense column block (``cols``), not CSR:
+                        a GEMM multiplies a zero about 4x cheaper than the CSR product an entry.
     """
 
     gather_max: float = 0.8
     csr_act_max: float = 0.05
     csr_weight_max: float = 0.15
+    cols_fill_min: float = 0.5
     # A CSR-weight layer without a τ (exact), or whose fitted τ keeps too many rows to pay, runs
     # merged (never above its dense cost). False keeps CSR layers sparse (path tests, benches).
     never_above_dense: bool = True
@@ -156,14 +163,43 @@ class CSRMatrix:
                                include_last_offset=True)
 
 
+class ColumnMatrix:
+    """A 2-D matrix whose non-zeros lie in a few columns, kept as those columns (a dense block
+    ``[R, k]``) and their indices: ``x @ selfᵀ`` is one GEMM on ``x[:, cols]``. What column
+    gates (``delta_gates: column``) leave; the same interface as :class:`CSRMatrix`."""
+
+    def __init__(self, dense: torch.Tensor, cols: torch.Tensor):
+        assert dense.dim() == 2
+        self.shape = tuple(dense.shape)
+        self.cols = cols.contiguous()
+        self.block = dense.index_select(1, self.cols).contiguous()
+        self.nnz = int((self.block != 0).sum())
+
+    def to_dense(self) -> torch.Tensor:
+        out = torch.zeros(self.shape, dtype=self.block.dtype, device=self.block.device)
+        out[:, self.cols] = self.block
+        return out
+
+    def linear(self, x: torch.Tensor, add: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ selfᵀ (+ add) (+ bias)``, as :meth:`CSRMatrix.linear`."""
+        xc = x.index_select(1, self.cols)
+        if add is None:
+            out = xc @ self.block.t()
+        else:
+            out = torch.addmm(add, xc, self.block.t())
+        return out if bias is None else out.add_(bias)
+
+
 @dataclass
 class _DeltaLinear:
     """How one sub-task executes one encoder linear (or the patch embedding)."""
 
     weight_nnz: int
     weight_numel: int
-    mode: str  # "zero" | "csr" | "dense"
-    csr: CSRMatrix | None = None
+    mode: str  # "zero" | "csr" | "cols" | "dense"
+    csr: CSRMatrix | ColumnMatrix | None = None  # the sparse delta weight ("csr", "cols")
+    weight_work: int = 0  # entries its product multiplies per token (nnz; the whole block for "cols")
     merged_w: torch.Tensor | None = None  # W_b + M ⊙ δ ("dense" mode)
     merged_b: torch.Tensor | None = None
     bias_delta: torch.Tensor | None = None  # None when all zero
@@ -333,7 +369,14 @@ class SharedEngine(nn.Module):
         if nnz == 0:
             return lin
         if nnz / numel <= self.policy.csr_weight_max:
-            lin.mode, lin.csr = "csr", CSRMatrix(dw.reshape(dw.shape[0], -1))
+            dw2 = dw.reshape(dw.shape[0], -1)
+            cols = dw2.ne(0).any(dim=0).nonzero().view(-1)
+            if nnz >= self.policy.cols_fill_min * cols.numel() * dw2.shape[0]:
+                lin.mode, lin.csr = "cols", ColumnMatrix(dw2, cols)
+                lin.weight_work = cols.numel() * dw2.shape[0]
+            else:
+                lin.mode, lin.csr = "csr", CSRMatrix(dw2)
+                lin.weight_work = nnz
         else:
             lin.mode = "dense"
             lin.merged_w = w_b + dw
@@ -414,7 +457,7 @@ class SharedEngine(nn.Module):
         w, b = self.base[f"{name}.weight"], self.base[f"{name}.bias"]
         if lin.mode == "dense":
             return {f"{name}.weight": lin.merged_w, f"{name}.bias": lin.merged_b}
-        if lin.mode == "csr":
+        if lin.mode in ("csr", "cols"):
             w = w + lin.csr.to_dense().reshape(w.shape)
         if lin.bias_delta is not None:
             b = b + lin.bias_delta
@@ -473,11 +516,11 @@ class SharedEngine(nn.Module):
                 ex = 2.0 * h * w * lin.weight_numel
             else:
                 y = hb if lin.bias_delta is None else hb + lin.bias_delta
-                if lin.mode == "csr":
+                if lin.mode in ("csr", "cols"):
                     if patches is None:  # [B·L, 3·p·p], in the conv weight's (C, kh, kw) order
                         patches = F.unfold(x, p, stride=p).transpose(1, 2).reshape(b * h * w, -1)
                     y = lin.csr.linear(patches, add=y.reshape(b * h * w, -1)).reshape(b, h * w, -1)
-                ex = th
+                ex = 2.0 * h * w * lin.weight_work
             hs[s.name] = y
             if s.name in stats:
                 stats[s.name].executed_flops += ex
@@ -595,7 +638,7 @@ class SharedEngine(nn.Module):
                 continue
 
             y = y_b.reshape(n, d_out)
-            if lin.mode == "csr":  # (a) sparse delta weight on every token, written with y_b (+ δ_bias)
+            if lin.mode in ("csr", "cols"):  # (a) sparse delta weight on every token, written with y_b (+ δ_bias)
                 y = lin.csr.linear(x_s.reshape(n, d_in), add=y, bias=lin.bias_delta)
             elif lin.bias_delta is not None:
                 y = y + lin.bias_delta
@@ -626,7 +669,7 @@ class SharedEngine(nn.Module):
             if st is not None:
                 nnz = 0 if nnz is None else nnz
                 self._record(st, name, f"{act}+{lin.mode}", nnz / (n * d_in), r, run,
-                             executed=ex_act + 2.0 * n * lin.weight_nnz,
+                             executed=ex_act + 2.0 * n * lin.weight_work,
                              theoretical=2.0 * (nnz * d_out + n * lin.weight_nnz), dense=2.0 * n * d_in * d_out)
         if gathered:  # (b) one GEMM with W_b over the surviving rows of every sub-task, scatter-add
             z = F.linear(torch.cat([rows for _, _, rows in gathered]), w_b)
@@ -664,7 +707,7 @@ class SharedEngine(nn.Module):
         time by the measured gather crossover (``SparsePolicy.gather_max``)."""
         if not self.policy.never_above_dense:
             return True
-        return rows <= self.policy.gather_max and rows + lin.weight_nnz / lin.weight_numel < 1.0
+        return rows <= self.policy.gather_max and rows + lin.weight_work / lin.weight_numel < 1.0
 
     def _runs_merged(self, task: str, name: str) -> bool:
         """The per-layer plan, fixed by the thresholds (never by the batch, so a model's outputs

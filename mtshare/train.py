@@ -186,7 +186,7 @@ def build_stage_model(spec: StageSpec, base_path: Path | None, base_sha256: str 
         raise ckpt.CheckpointError(f"{base_path}: not a base checkpoint")
     ckpt.check_keys(base_path, set(enc_sd), set(model.encoder.state_dict()), "encoder")
     model.encoder.load_state_dict(enc_sd, strict=True)
-    deltas = add_deltas(model.encoder)
+    deltas = add_deltas(model.encoder, structure=spec.optim.delta_gates)
     if spec.kind in ("step2", "step3"):
         sha = base_sha256 or ckpt.sha256_file(base_path)
         prev_deltas, head_sd, _ = ckpt.load_subtask(prev_path, base_sha256=sha)

@@ -105,9 +105,9 @@ def test_dense_model_matches_reference(suite):
             assert _rel(engine.dense_model(task)(x), _reference(suite, task)(x)) < 1e-6
 
 
-POLICIES = {  # force each path
-    "gather": SparsePolicy(gather_max=1.0, csr_weight_max=1.0, never_above_dense=False),
-    "dense": SparsePolicy(gather_max=0.0, csr_weight_max=1.0, never_above_dense=False),
+POLICIES = {  # force each path (cols_fill_min > 1: CSR even for normals' 50 %-dense delta)
+    "gather": SparsePolicy(gather_max=1.0, csr_weight_max=1.0, cols_fill_min=2.0, never_above_dense=False),
+    "dense": SparsePolicy(gather_max=0.0, csr_weight_max=1.0, cols_fill_min=2.0, never_above_dense=False),
     "merged": SparsePolicy(gather_max=1.0, csr_weight_max=0.0),
 }
 
@@ -123,6 +123,32 @@ def test_every_path_is_exercised_and_exact(suite):
             used = set(engine.last_stats[task].paths.values())
             assert used == ({"merged"} if expect == "merged" else {f"{expect}+csr"}), (expect, used)
             assert _rel(out[task], refs[task]) < 1e-5, (expect, task)
+
+
+def test_column_deltas_run_as_column_blocks_exactly(suite):
+    """Deltas with whole zero input columns (column gates) run as one GEMM on the gathered
+    columns (``cols``), give the dense model's outputs, and count the block's work."""
+    base, _ = suite
+    enc = base.encoder.state_dict()
+    subs = {"sal": (synthetic_deltas(enc, 0.9, scale=0.2, seed=5, gates="column"),
+                    build_model("vit_debug", PATCH, "sal", 2).head.eval())}
+    col_suite = (base, subs)
+    engine = SharedEngine(base.encoder.cfg, "semseg", enc, base.head, subs, collect_stats=True,
+                          policy=SparsePolicy(gather_max=1.0, csr_weight_max=1.0, never_above_dense=False))
+    lin = engine.subtasks["sal"].linears["blocks.0.attn.qkv"]
+    assert lin.mode == "cols" and lin.csr.block.shape == (192, 64 - round(0.9 * 64))
+    assert engine.subtasks["sal"].patch.mode == "cols"
+    x = torch.randn(2, 3, 32, 32)
+    out = engine(x)
+    assert set(engine.last_stats["sal"].paths.values()) == {"gather+cols"}
+    with torch.no_grad():
+        ref = _reference(col_suite, "sal")(x)
+        assert _rel(out["sal"], ref) < 1e-5
+        assert _rel(engine.dense_model("sal")(x), ref) < 1e-6
+    # element deltas of the same density stay CSR
+    el = SharedEngine(base.encoder.cfg, "semseg", enc, base.head,
+                      {"sal": (synthetic_deltas(enc, 0.9, scale=0.2, seed=5), subs["sal"][1])})
+    assert el.subtasks["sal"].linears["blocks.0.attn.qkv"].mode == "csr"
 
 
 def test_skip_path_for_a_zero_delta(suite):

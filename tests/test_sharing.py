@@ -95,6 +95,56 @@ def test_l0_penalty_is_the_expected_l0_of_the_product_gate():
     assert d.log_alpha.grad.abs().min() > 0 and d.log_alpha_tensor.grad.abs() > 0
 
 
+def test_column_gates_open_and_close_whole_columns_and_count_entries():
+    torch.manual_seed(0)
+    d = DeltaParam(torch.Size((48, 32)), structure="column")
+    assert d.log_alpha.shape == (1, 32) and d.entries_per_gate == 48
+    with torch.no_grad():
+        d.delta.normal_()
+        d.log_alpha.uniform_(-3.0, 3.0)
+        d.log_alpha_tensor.fill_(0.3)
+    d.train()
+    draws = 4000
+    with torch.no_grad():
+        gates = [d.gate() for _ in range(draws)]
+    # every sampled gate is constant down a column
+    assert all(torch.equal(g.expand(48, 32)[0], g.expand(48, 32)[47]) for g in gates[:50])
+    counts = torch.stack([(g.expand(48, 32) != 0).sum() for g in gates]).double()
+    mc, se = counts.mean().item(), counts.std().item() / math.sqrt(draws)
+    assert abs(mc - d.l0().item()) < 4 * se, (mc, d.l0().item(), se)  # the L0 counts entries
+    d.eval()
+    closed_cols = int((d.gate() == 0).sum())
+    assert closed_cols > 0 and d.gate_zeros() == 48 * closed_cols
+    d.freeze_mask()  # the mask keeps the column structure
+    assert torch.equal(d.mask, d.mask[:1].expand_as(d.mask)) and int((d.mask[0] == 0).sum()) == closed_cols
+    # vectors keep element gates; a conv weight gates (channel, kh, kw) columns
+    assert DeltaParam(torch.Size((48,)), structure="column").log_alpha.shape == (48,)
+    assert DeltaParam(torch.Size((16, 3, 4, 4)), structure="column").log_alpha.shape == (1, 3, 4, 4)
+    with pytest.raises(ValueError, match="gate structure"):
+        DeltaParam(torch.Size((4, 4)), structure="rows")
+
+
+def test_close_smallest_closes_whole_columns():
+    torch.manual_seed(1)
+    m = build_model("vit_debug", 8, "sal", 2)
+    deltas = add_deltas(m.encoder, structure="column")
+    with torch.no_grad():
+        for d in deltas.values():
+            d.delta.normal_(0, 0.1)
+    total = sum(d.delta.numel() for d in deltas.values())
+    closed = close_smallest(deltas, 0.6)
+    eff = effective_deltas(deltas)
+    zeros = sum(int((t == 0).sum()) for t in eff.values())
+    assert closed == zeros and zeros / total >= 0.6
+    # not far past it: the last column closed is at most one column of the widest matrix
+    assert zeros - math.ceil(0.6 * total) <= max(d.entries_per_gate for d in deltas.values())
+    for k, t in eff.items():
+        if t.dim() >= 2:  # a matrix's columns are all zero or all (but exact zeros of δ) open
+            col_zero = (t.reshape(t.shape[0], -1) == 0).all(dim=0)
+            col_open = (t.reshape(t.shape[0], -1) != 0).all(dim=0)
+            assert bool((col_zero | col_open).all()), k
+
+
 # --- 2. step1's controller ---------------------------------------------------------------------
 
 def test_next_l0_weight_moves_towards_the_target_and_is_clamped():
@@ -140,6 +190,30 @@ def test_step1_controller_reaches_the_target_sparsity(trained):
     assert r["delta_weight_sparsity"] >= TARGET
     stored = sum(int((t == 0).sum()) for t in d1.values()) / total
     assert stored == pytest.approx(r["delta_weight_sparsity"], abs=1e-9) and stored >= TARGET
+
+
+def test_step1_with_column_gates_stores_column_deltas_the_engine_runs_as_blocks(trained, tmp_path):
+    from mtshare.engine import SharedEngine
+
+    s1 = trained["specs"]["sal/step1"]
+    spec = s1.model_copy(update={"name": "sal/step1_cols", "optim": s1.optim.model_copy(
+        update={"iters": 12, "eval_every": 12, "log_every": 1000, "delta_gates": "column"})})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        r = run_stage(spec, trained["store"], base_sha256=_base_sha(trained))
+    finally:
+        torch.set_num_threads(threads)
+    assert r["delta_weight_sparsity"] >= TARGET
+    path = trained["store"] / "sal/step1_cols/model.safetensors"
+    deltas, _, _ = ckpt.load_subtask(path, _base_sha(trained))
+    for k, t in deltas.items():
+        if t.dim() >= 2:
+            t2 = t.reshape(t.shape[0], -1)
+            assert bool(((t2 == 0).all(dim=0) | (t2 != 0).all(dim=0)).all()), k
+    engine = SharedEngine.from_checkpoints(trained["store"] / "base/model.safetensors", {"sal": path})
+    modes = {lin.mode for lin in engine.subtasks["sal"].linears.values()}
+    assert "cols" in modes and "csr" not in modes, modes
 
 
 def test_step1_logs_gate_sparsity_every_log_every(trained):

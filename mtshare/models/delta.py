@@ -12,6 +12,13 @@ element and one per tensor (the two gates multiply):
     L0:     λ · sigmoid(α_g - log(-l/r)) · Σ_i sigmoid(α_i - log(-l/r))
             (the expected number of non-zeros of the product gate: P(z_g z_i ≠ 0) = P(z_g ≠ 0) P(z_i ≠ 0))
 
+Gate structure (``structure``): ``element`` (above, the reference's) or ``column``: one ``α``
+per input column of a weight matrix (per input channel × kernel position of the patch
+embedding), shared by the column's ``d_out`` entries, so whole columns of δ open or close. The
+engine then runs a delta weight as one small dense GEMM on the gathered input columns instead
+of a CSR product (docs/method.md, "Column gates"). Vectors (biases, norms) keep element gates.
+The L0 and the sparsity count *entries* either way (a column gate stands for its ``d_out``).
+
 Modes of a :class:`DeltaParam`:
     ``gate``  step1: ``W_b + z ⊙ δ``
     ``mask``  step2/3: ``W_b + M ⊙ δ`` with the fixed 0/1 mask ``M``
@@ -29,6 +36,7 @@ from torch.nn.utils import parametrize
 
 STRETCH_L, STRETCH_R = -1.5, 1.5
 ALPHA_INIT = 5.0
+GATE_STRUCTURES = ("element", "column")
 
 
 def deterministic_gate(log_alpha: torch.Tensor) -> torch.Tensor:
@@ -49,10 +57,15 @@ def prob_nonzero(log_alpha: torch.Tensor) -> torch.Tensor:
 class DeltaParam(nn.Module):
     """Parametrisation ``W_b -> W_b + gate ⊙ δ`` (or ``+ M ⊙ δ`` in mask mode)."""
 
-    def __init__(self, shape: torch.Size, alpha_init: float = ALPHA_INIT):
+    def __init__(self, shape: torch.Size, alpha_init: float = ALPHA_INIT, structure: str = "element"):
         super().__init__()
+        if structure not in GATE_STRUCTURES:
+            raise ValueError(f"gate structure must be one of {GATE_STRUCTURES}, got {structure!r}")
+        shape = torch.Size(shape)
+        gate_shape = (1, *shape[1:]) if structure == "column" and len(shape) >= 2 else shape
         self.delta = nn.Parameter(torch.zeros(shape))
-        self.log_alpha = nn.Parameter(torch.full(shape, alpha_init))
+        self.log_alpha = nn.Parameter(torch.full(gate_shape, alpha_init))
+        self.entries_per_gate = shape.numel() // max(1, self.log_alpha.numel())
         self.log_alpha_tensor = nn.Parameter(torch.full((), alpha_init))
         self.register_buffer("mask", torch.ones(shape))
         self.mode = "gate"
@@ -75,15 +88,15 @@ class DeltaParam(nn.Module):
         return base + self.effective_delta().to(base.dtype)
 
     def l0(self) -> torch.Tensor:
-        """Expected number of non-zeros of ``z_g · z_i`` (the two gates are independent)."""
-        return prob_nonzero(self.log_alpha_tensor) * prob_nonzero(self.log_alpha).sum()
+        """Expected number of non-zero entries of ``z_g · z_i`` (the two gates are independent)."""
+        return prob_nonzero(self.log_alpha_tensor) * prob_nonzero(self.log_alpha).sum() * self.entries_per_gate
 
     @torch.no_grad()
     def gate_zeros(self) -> int:
         """Entries whose deterministic (evaluation) gate is exactly zero."""
         if float(deterministic_gate(self.log_alpha_tensor)) == 0.0:
-            return self.log_alpha.numel()
-        return int((deterministic_gate(self.log_alpha) == 0).sum())
+            return self.delta.numel()
+        return int((deterministic_gate(self.log_alpha) == 0).sum()) * self.entries_per_gate
 
     @torch.no_grad()
     def freeze_mask(self) -> None:
@@ -98,8 +111,8 @@ class DeltaParam(nn.Module):
         self.mode = "mask"
 
 
-def add_deltas(encoder: nn.Module) -> dict[str, DeltaParam]:
-    """Freeze every encoder parameter and give it a :class:`DeltaParam`.
+def add_deltas(encoder: nn.Module, structure: str = "element") -> dict[str, DeltaParam]:
+    """Freeze every encoder parameter and give it a :class:`DeltaParam` (gates: ``structure``).
 
     Returns the deltas by the *base parameter's* name (e.g. ``blocks.0.attn.qkv.weight``).
     """
@@ -109,7 +122,7 @@ def add_deltas(encoder: nn.Module) -> dict[str, DeltaParam]:
         p.requires_grad_(False)
         module_path, _, attr = name.rpartition(".")
         module = encoder.get_submodule(module_path) if module_path else encoder
-        dp = DeltaParam(p.shape).to(device=p.device, dtype=p.dtype)
+        dp = DeltaParam(p.shape, structure=structure).to(device=p.device, dtype=p.dtype)
         parametrize.register_parametrization(module, attr, dp, unsafe=True)
         module.parametrizations[attr].original.requires_grad_(False)
         deltas[name] = dp
@@ -153,27 +166,37 @@ def l0_penalty(deltas: dict[str, DeltaParam]) -> torch.Tensor:
 
 def gate_sparsity(deltas: dict[str, DeltaParam]) -> float:
     """Fraction of delta entries whose deterministic gate is closed (what step1's controller steers)."""
-    total = sum(d.log_alpha.numel() for d in deltas.values())
+    total = sum(d.delta.numel() for d in deltas.values())
     return sum(d.gate_zeros() for d in deltas.values()) / max(total, 1)
 
 
 @torch.no_grad()
 def close_smallest(deltas: dict[str, DeltaParam], target_sparsity: float) -> int:
     """Close the gates of the smallest-magnitude effective deltas (all tensors pooled) until at
-    least ``target_sparsity`` of all entries are zero. Returns how many gates it closed."""
+    least ``target_sparsity`` of all entries are zero. A column gate's magnitude is its column's
+    mean |δ|, and closing it zeroes its ``d_out`` entries. Returns how many entries it closed."""
     eff = effective_deltas(deltas)
     total = sum(t.numel() for t in eff.values())
-    nonzero = torch.cat([t.abs().flatten()[t.flatten() != 0] for t in eff.values()])
     allowed = int(total * (1.0 - target_sparsity))
-    excess = nonzero.numel() - allowed
+    mags, counts = {}, {}
+    for k, d in deltas.items():  # per gate: the mean |δ| of its open entries' span, and its entry count
+        a = eff[k].abs()
+        mags[k] = a.mean(dim=0, keepdim=True) if d.entries_per_gate > 1 else a
+        counts[k] = d.entries_per_gate
+    open_mags = torch.cat([m[m != 0].flatten() for m in mags.values()])
+    open_counts = torch.cat([torch.full((int((m != 0).sum()),), counts[k], dtype=torch.int64)
+                             for k, m in mags.items()])
+    excess = int(open_counts.sum()) - allowed
     if excess <= 0:
         return 0
-    cut = nonzero.float().kthvalue(excess).values  # close everything up to this magnitude
+    order = open_mags.float().argsort()
+    cut_at = int(torch.searchsorted(open_counts[order].cumsum(0), excess))  # fewest smallest gates
+    cut = open_mags.float()[order[min(cut_at, len(order) - 1)]]  # close everything up to this magnitude
     closed = 0
     for k, d in deltas.items():
-        shut = (eff[k].abs() <= cut) & (eff[k] != 0)
+        shut = (mags[k] <= cut) & (mags[k] != 0)
         d.log_alpha[shut] = -10.0  # deterministic gate 0; P(z ≠ 0) ≈ 5e-5
-        closed += int(shut.sum())
+        closed += int(shut.sum()) * counts[k]
     return closed
 
 
