@@ -98,13 +98,15 @@ def _row(r: dict, ref: dict | None) -> dict:
 def _plan(point: dict | None) -> str:
     """How the engine ran the sub-task's encoder linears on val: 'sparse', 'sparse, N% of layers
     merged', or 'dense' (no row skipped anywhere: sharing activations did not pay within the
-    tolerance), or 'no operating point'."""
+    tolerance), or 'no operating point'. 'sparse (column blocks)': delta weights as dense column
+    blocks (column gates) rather than CSR."""
     if not point:
         return "no operating point"
     merged = point["paths"].get("merged", 0.0)
     if merged >= 1.0 or not point["rows_skipped"]:
         return "dense"  # no layer skipped a row: only the delta weights are shared
-    return "sparse" if merged == 0 else f"sparse, {100 * merged:.0f}% of layers merged"
+    sparse = "sparse (column blocks)" if any(k.endswith("+cols") for k in point["paths"]) else "sparse"
+    return sparse if merged == 0 else f"{sparse}, {100 * merged:.0f}% of layers merged"
 
 
 def format_report(report: dict) -> str:

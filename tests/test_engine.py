@@ -323,3 +323,13 @@ def test_bench_cli_and_workdir(tiny_suite, tmp_path, capsys):
     assert r["config"]["threads"] == 1
     assert main(["bench", "--model", "vit_debug", "--threads", "0"]) == 2
     assert main(["bench", "--model", "vit_debug", "--img", "30"]) == 2  # 30 is not a multiple of 16
+
+
+def test_report_plan_names_column_blocks():
+    from mtshare.report import _plan
+
+    point = {"rows_skipped": 0.4, "paths": {"gather+cols": 0.75, "merged": 0.25}}
+    assert _plan(point) == "sparse (column blocks), 25% of layers merged"
+    point = {"rows_skipped": 0.4, "paths": {"gather+csr": 1.0}}
+    assert _plan(point) == "sparse"
+    assert _plan({"rows_skipped": 0.0, "paths": {"gather+cols": 1.0}}) == "dense"
