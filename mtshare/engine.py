@@ -94,7 +94,8 @@ class SparsePolicy:
                         20 %: a CSR weight at 15 % still pays while under half the rows survive).
     ``cols_fill_min``   a sparse delta weight whose non-zeros fill at least this fraction of its
                         non-zero input columns runs as a dense column block (``cols``), not CSR:
-                        a GEMM multiplies a zero about 4x cheaper than the CSR product an entry.
+                        per entry, zero or not, a GEMM runs about 4x faster than the CSR product
+                        runs per non-zero.
     """
 
     gather_max: float = 0.8
@@ -198,7 +199,7 @@ class _DeltaLinear:
     weight_nnz: int
     weight_numel: int
     mode: str  # "zero" | "csr" | "cols" | "dense"
-    csr: CSRMatrix | ColumnMatrix | None = None  # the sparse delta weight ("csr", "cols")
+    sparse: CSRMatrix | ColumnMatrix | None = None  # the sparse delta weight ("csr", "cols")
     weight_work: int = 0  # entries its product multiplies per token (nnz; the whole block for "cols")
     merged_w: torch.Tensor | None = None  # W_b + M ⊙ δ ("dense" mode)
     merged_b: torch.Tensor | None = None
@@ -372,10 +373,10 @@ class SharedEngine(nn.Module):
             dw2 = dw.reshape(dw.shape[0], -1)
             cols = dw2.ne(0).any(dim=0).nonzero().view(-1)
             if nnz >= self.policy.cols_fill_min * cols.numel() * dw2.shape[0]:
-                lin.mode, lin.csr = "cols", ColumnMatrix(dw2, cols)
+                lin.mode, lin.sparse = "cols", ColumnMatrix(dw2, cols)
                 lin.weight_work = cols.numel() * dw2.shape[0]
             else:
-                lin.mode, lin.csr = "csr", CSRMatrix(dw2)
+                lin.mode, lin.sparse = "csr", CSRMatrix(dw2)
                 lin.weight_work = nnz
         else:
             lin.mode = "dense"
@@ -458,7 +459,7 @@ class SharedEngine(nn.Module):
         if lin.mode == "dense":
             return {f"{name}.weight": lin.merged_w, f"{name}.bias": lin.merged_b}
         if lin.mode in ("csr", "cols"):
-            w = w + lin.csr.to_dense().reshape(w.shape)
+            w = w + lin.sparse.to_dense().reshape(w.shape)
         if lin.bias_delta is not None:
             b = b + lin.bias_delta
         return {f"{name}.weight": w, f"{name}.bias": b}
@@ -519,7 +520,7 @@ class SharedEngine(nn.Module):
                 if lin.mode in ("csr", "cols"):
                     if patches is None:  # [B·L, 3·p·p], in the conv weight's (C, kh, kw) order
                         patches = F.unfold(x, p, stride=p).transpose(1, 2).reshape(b * h * w, -1)
-                    y = lin.csr.linear(patches, add=y.reshape(b * h * w, -1)).reshape(b, h * w, -1)
+                    y = lin.sparse.linear(patches, add=y.reshape(b * h * w, -1)).reshape(b, h * w, -1)
                 ex = 2.0 * h * w * lin.weight_work
             hs[s.name] = y
             if s.name in stats:
@@ -639,7 +640,7 @@ class SharedEngine(nn.Module):
 
             y = y_b.reshape(n, d_out)
             if lin.mode in ("csr", "cols"):  # (a) sparse delta weight on every token, written with y_b (+ δ_bias)
-                y = lin.csr.linear(x_s.reshape(n, d_in), add=y, bias=lin.bias_delta)
+                y = lin.sparse.linear(x_s.reshape(n, d_in), add=y, bias=lin.bias_delta)
             elif lin.bias_delta is not None:
                 y = y + lin.bias_delta
             elif r > 0:  # (otherwise nothing to add: y_s is y_b itself, no copy)

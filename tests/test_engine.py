@@ -136,7 +136,7 @@ def test_column_deltas_run_as_column_blocks_exactly(suite):
     engine = SharedEngine(base.encoder.cfg, "semseg", enc, base.head, subs, collect_stats=True,
                           policy=SparsePolicy(gather_max=1.0, csr_weight_max=1.0, never_above_dense=False))
     lin = engine.subtasks["sal"].linears["blocks.0.attn.qkv"]
-    assert lin.mode == "cols" and lin.csr.block.shape == (192, 64 - round(0.9 * 64))
+    assert lin.mode == "cols" and lin.sparse.block.shape == (192, 64 - round(0.9 * 64))
     assert engine.subtasks["sal"].patch.mode == "cols"
     x = torch.randn(2, 3, 32, 32)
     out = engine(x)
