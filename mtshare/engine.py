@@ -141,6 +141,11 @@ class CSRMatrix:
     def density(self) -> float:
         return self.nnz / max(1, self.shape[0] * self.shape[1])
 
+    @property
+    def work(self) -> int:
+        """Entries :meth:`linear` multiplies per row of ``x``: the non-zeros."""
+        return self.nnz
+
     def matmul(self, b: torch.Tensor) -> torch.Tensor:
         """``self @ b`` for a dense ``b`` [K, M]; returns [R, M]."""
         return self._bag(b.contiguous())
@@ -174,7 +179,7 @@ class ColumnMatrix:
         self.shape = tuple(dense.shape)
         self.cols = cols.contiguous()
         self.block = dense.index_select(1, self.cols).contiguous()
-        self.nnz = int((self.block != 0).sum())
+        self.work = self.block.numel()  # entries :meth:`linear` multiplies per row of ``x``: the whole block
 
     def to_dense(self) -> torch.Tensor:
         out = torch.zeros(self.shape, dtype=self.block.dtype, device=self.block.device)
@@ -200,10 +205,14 @@ class _DeltaLinear:
     weight_numel: int
     mode: str  # "zero" | "csr" | "cols" | "dense"
     sparse: CSRMatrix | ColumnMatrix | None = None  # the sparse delta weight ("csr", "cols")
-    weight_work: int = 0  # entries its product multiplies per token (nnz; the whole block for "cols")
     merged_w: torch.Tensor | None = None  # W_b + M ⊙ δ ("dense" mode)
     merged_b: torch.Tensor | None = None
     bias_delta: torch.Tensor | None = None  # None when all zero
+
+    @property
+    def weight_work(self) -> int:
+        """Entries the sparse delta-weight product multiplies per token (0 without one)."""
+        return 0 if self.sparse is None else self.sparse.work
 
 
 @dataclass
@@ -374,10 +383,8 @@ class SharedEngine(nn.Module):
             cols = dw2.ne(0).any(dim=0).nonzero().view(-1)
             if nnz >= self.policy.cols_fill_min * cols.numel() * dw2.shape[0]:
                 lin.mode, lin.sparse = "cols", ColumnMatrix(dw2, cols)
-                lin.weight_work = cols.numel() * dw2.shape[0]
             else:
                 lin.mode, lin.sparse = "csr", CSRMatrix(dw2)
-                lin.weight_work = nnz
         else:
             lin.mode = "dense"
             lin.merged_w = w_b + dw
@@ -458,7 +465,7 @@ class SharedEngine(nn.Module):
         w, b = self.base[f"{name}.weight"], self.base[f"{name}.bias"]
         if lin.mode == "dense":
             return {f"{name}.weight": lin.merged_w, f"{name}.bias": lin.merged_b}
-        if lin.mode in ("csr", "cols"):
+        if lin.sparse is not None:
             w = w + lin.sparse.to_dense().reshape(w.shape)
         if lin.bias_delta is not None:
             b = b + lin.bias_delta
@@ -517,7 +524,7 @@ class SharedEngine(nn.Module):
                 ex = 2.0 * h * w * lin.weight_numel
             else:
                 y = hb if lin.bias_delta is None else hb + lin.bias_delta
-                if lin.mode in ("csr", "cols"):
+                if lin.sparse is not None:
                     if patches is None:  # [B·L, 3·p·p], in the conv weight's (C, kh, kw) order
                         patches = F.unfold(x, p, stride=p).transpose(1, 2).reshape(b * h * w, -1)
                     y = lin.sparse.linear(patches, add=y.reshape(b * h * w, -1)).reshape(b, h * w, -1)
@@ -639,7 +646,7 @@ class SharedEngine(nn.Module):
                 continue
 
             y = y_b.reshape(n, d_out)
-            if lin.mode in ("csr", "cols"):  # (a) sparse delta weight on every token, written with y_b (+ δ_bias)
+            if lin.sparse is not None:  # (a) sparse delta weight on every token, written with y_b (+ δ_bias)
                 y = lin.sparse.linear(x_s.reshape(n, d_in), add=y, bias=lin.bias_delta)
             elif lin.bias_delta is not None:
                 y = y + lin.bias_delta
