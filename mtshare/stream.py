@@ -257,10 +257,9 @@ class VideoStream:
             self._cache[(task, name)] = _RowCache(x2.clone(), y.clone())
             self._count_flops(task, n, n, row_flops or 2.0 * d_in * y.shape[-1], counted=keyframe_out is not None)
             return y
+        change = _row_change(x2, cache.x)
         tau = self.thresholds.get(task, {}).get(name, 0.0)
-        # _row_change without its division: the norm against τ·√d (one call less per gate)
-        change = torch.linalg.vector_norm(torch.sub(x2, cache.x), dim=1)
-        idx = (change >= tau * math.sqrt(d_in) if tau > 0 else change > 0).nonzero().view(-1)
+        idx = (change >= tau if tau > 0 else change > 0).nonzero().view(-1)
         if idx.numel():
             rows = x2.index_select(0, idx)
             cache.x.index_copy_(0, idx, rows)
