@@ -137,6 +137,7 @@ def test_column_deltas_run_as_column_blocks_exactly(suite):
                           policy=SparsePolicy(gather_max=1.0, csr_weight_max=1.0, never_above_dense=False))
     lin = engine.subtasks["sal"].linears["blocks.0.attn.qkv"]
     assert lin.mode == "cols" and lin.sparse.block.shape == (192, 64 - round(0.9 * 64))
+    assert lin.weight_work == lin.sparse.block.numel() >= lin.weight_nnz  # FLOPs count the whole block
     assert engine.subtasks["sal"].patch.mode == "cols"
     x = torch.randn(2, 3, 32, 32)
     out = engine(x)
