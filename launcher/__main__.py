@@ -108,8 +108,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, help="timed repeats (default: as many as fit in about 20 s; "
                                                "--video: 5 passes over the video)")
     b.add_argument("--format", choices=["table", "json"], default="table")
-    b.add_argument("--video", help="a folder of frames or a video file: N dense models vs the engine frame by frame "
-                                   "vs the temporal stream, per frame")
+    b.add_argument("--video", nargs="+", help="a folder of frames or a video file: N dense models vs the engine frame "
+                                              "by frame vs the temporal stream, per frame; several: one camera each, "
+                                              "streamed together as one batch per frame")
     b.add_argument("--keyframe-every", type=int, help="--video: a full frame every K frames (default: the suite's "
                                                        "stream setting, else 8)")
     b.add_argument("--split-layer", type=int, help="--video: sub-tasks use their own temporal caches from this block "

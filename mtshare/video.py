@@ -20,7 +20,7 @@ import math
 import statistics
 import time
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -102,14 +102,15 @@ def meter_options(store: Path) -> dict[str, dict]:
     return out
 
 
-def temporal_thresholds(engine, store: Path | None, path: Path, labelled, img_size: int, keyframe_every: int,
+def temporal_thresholds(engine, store: Path | None, path: Path | Sequence[Path], labelled, img_size: int, keyframe_every: int,
                         split_layer: int | None, tolerance: float, margin: float = 0.5, calib_frames: int = 32,
                         calib_sequences: int = 3, scale: float | None = None, frames: torch.Tensor | None = None,
                         log: Callable[[str], None] = lambda s: None) -> tuple[dict, str, dict | None]:
     """Set ``engine.temporal_thresholds`` (see the module docstring); returns (thresholds, where
     they come from, the calibration summary or None). ``scale``: instead, τ = κ × each layer's
     typical frame-to-frame change measured on the first two keyframe intervals of ``frames``
-    (uncalibrated: no metric is checked; for synthetic benchmarks)."""
+    (uncalibrated: no metric is checked; for synthetic benchmarks). ``path``: the video (or
+    the cameras' videos), never calibrated on."""
     from mtshare.stream import calibrate_stream, uncalibrated_thresholds
 
     if scale is not None:
@@ -126,7 +127,8 @@ def temporal_thresholds(engine, store: Path | None, path: Path, labelled, img_si
         dataset, root, _, _ = labelled
         split_file = SPLIT_PATH[dataset](root, "train")
         train = sequences(read_ids(split_file)) if split_file.is_file() else {}
-        train.pop(Path(path).resolve().name, None)
+        for p in [path] if isinstance(path, (str, Path)) else path:
+            train.pop(Path(p).resolve().name, None)
         chosen = list(train.items())[:calib_sequences]
         if chosen:
             data = [_sequence_items(dataset, root, "train", ids[:calib_frames], engine.tasks, img_size)
@@ -152,13 +154,23 @@ class Video(NamedTuple):
     labelled: tuple | None  # labelled_sequence(path)
     store: Path | None  # the suite's store
     img_size: int
+    dataset: str | None  # the suite's dataset (None: a synthetic engine)
 
 
-def _load(path: Path, workdir: str | Path | None, model: str, img: int, device: str, seed: int = 0) -> Video:
+def _load(path: Path, workdir: str | Path | None, model: str, img: int, device: str, seed: int = 0,
+          suite: Video | None = None) -> Video:
+    """``path``'s frames (and labels, for a labelled sequence of the suite's dataset) prepared
+    for the suite in ``workdir`` (or a synthetic engine); ``suite``: a video already loaded
+    whose engine, store and size this one shares (the other cameras of ``bench --video``)."""
     from mtshare.bench import BenchInputError, synthetic_engine
 
     labelled = labelled_sequence(path)
-    if workdir:
+    if suite is not None:
+        engine, store, img, patch = suite.engine, suite.store, suite.img_size, suite.engine.cfg.patch_size
+        if store is None or (labelled is not None and labelled[0] != suite.dataset):
+            labelled = None
+        dataset = suite.dataset
+    elif workdir:
         from mtshare.infer import load_suite_engine
 
         store = Path(workdir) / "store"
@@ -166,24 +178,24 @@ def _load(path: Path, workdir: str | Path | None, model: str, img: int, device: 
             raise BenchInputError(f"--workdir: no base checkpoint at {store / 'base' / 'model.safetensors'}")
         engine, manifest = load_suite_engine(store, device=device)
         spec = manifest["spec"]
-        img, patch = spec["dataset"]["img_size"], spec["model"]["patch_size"]
-        if labelled is not None and labelled[0] != spec["dataset"]["name"]:
+        img, patch, dataset = spec["dataset"]["img_size"], spec["model"]["patch_size"], spec["dataset"]["name"]
+        if labelled is not None and labelled[0] != dataset:
             labelled = None  # another dataset's labels: not this suite's tasks
     else:
         engine = synthetic_engine(model, 16, 5, 0.9, seed=seed, device=device)
-        store, patch = None, 16
+        store, patch, dataset = None, 16, None
         labelled = None  # a random model has no metric
     rgb = labels = None
     if labelled is not None:
-        dataset, root, split, ids = labelled
-        frames, labels = _sequence_items(dataset, root, split, ids, engine.tasks, img)
+        _, root, split, ids = labelled
+        frames, labels = _sequence_items(labelled[0], root, split, ids, engine.tasks, img)
         content = tuple(frames.shape[-2:])
     else:
         rgb = read_frames(path)
         frames, content = prepare_rgb(rgb, img, patch)
     if frames.shape[0] < 2:
         raise BenchInputError(f"--video: {path} has {frames.shape[0]} frame; a stream needs at least 2")
-    return Video(engine, frames, content, rgb, labels, labelled, store, img)
+    return Video(engine, frames, content, rgb, labels, labelled, store, img, dataset)
 
 
 def stream_settings(engine, keyframe_every: int | None, split_layer: int | None) -> tuple[int, int]:
@@ -196,12 +208,16 @@ def stream_settings(engine, keyframe_every: int | None, split_layer: int | None)
     return keyframe_every, engine.cfg.depth // 2 if split_layer is None else split_layer
 
 
-def bench_video(path: str | Path, workdir: str | Path | None = None, model: str = "vit_small", img: int = 224,
-                keyframe_every: int | None = None, split_layer: int | None = None, tolerance: float = 0.01,
-                device: str = "cpu", threads: int | None = None, temporal_scale: float | None = None,
-                passes: int = 5, log: Callable[[str], None] | None = None) -> dict:
+def bench_video(path: str | Path | Sequence[str | Path], workdir: str | Path | None = None, model: str = "vit_small",
+                img: int = 224, keyframe_every: int | None = None, split_layer: int | None = None,
+                tolerance: float = 0.01, device: str = "cpu", threads: int | None = None,
+                temporal_scale: float | None = None, passes: int = 5, log: Callable[[str], None] | None = None) -> dict:
     """Per frame, side by side in one process: N independent dense models, the engine frame by
-    frame, and the temporal stream (the ``bench --video --format json`` object)."""
+    frame, and the temporal stream (the ``bench --video --format json`` object).
+
+    Several paths are several cameras: frame ``t`` of every camera goes through as one batch
+    (one ``push`` of ``[cameras, 3, S, S]``, as a multi-camera rig runs it), cut to the shortest
+    video; times are per step (all cameras), FLOPs per image, metrics pooled over all frames."""
     from mtshare import flops
     from mtshare.bench import BenchInputError
 
@@ -212,9 +228,21 @@ def bench_video(path: str | Path, workdir: str | Path | None = None, model: str 
         raise BenchInputError(f"--repeats: must be >= 1, got {passes}")
     if threads:
         torch.set_num_threads(threads)
-    path = Path(path)
-    video = _load(path, workdir, model, img, device)
-    engine, frames, labels = video.engine, video.frames, video.labels
+    paths = [Path(p) for p in ([path] if isinstance(path, (str, Path)) else path)]
+    if not paths:
+        raise BenchInputError("--video: no path given")
+    video = _load(paths[0], workdir, model, img, device)
+    cameras = [video] + [_load(p, workdir, model, img, device, suite=video) for p in paths[1:]]
+    n_frames = min(len(c.frames) for c in cameras)
+    if any(len(c.frames) != n_frames for c in cameras):
+        log(f"cameras of {', '.join(str(len(c.frames)) for c in cameras)} frames: streaming the first {n_frames} of each")
+    frames = torch.stack([c.frames[:n_frames] for c in cameras], dim=1)  # [T, cameras, 3, S, S]
+    labels = None
+    if all(c.labels is not None for c in cameras):  # [T · cameras, ...], frame-major like the outputs
+        labels = {t: torch.stack([c.labels[t][:n_frames] for c in cameras], dim=1).flatten(0, 1) for t in video.labels}
+    elif any(c.labels is not None for c in cameras):
+        log("some cameras have no labels: no metric")
+    engine = video.engine
     depth = engine.cfg.depth
     if split_layer is not None and not 0 <= split_layer <= depth:
         raise BenchInputError(f"--split-layer: must be in [0, {depth}], got {split_layer}")
@@ -222,12 +250,13 @@ def bench_video(path: str | Path, workdir: str | Path | None = None, model: str 
     names = engine.tasks
     if temporal_scale is not None and temporal_scale <= 0:
         raise BenchInputError(f"--temporal-scale: must be > 0, got {temporal_scale}")
-    _, source, calibration = temporal_thresholds(engine, video.store, path, video.labelled, video.img_size,
+    _, source, calibration = temporal_thresholds(engine, video.store, paths, video.labelled, video.img_size,
                                                  keyframe_every, split_layer, tolerance, scale=temporal_scale,
                                                  frames=frames, log=log)
     frames = frames.to(device)
     size = frames.shape[-1]
-    log(f"{len(frames)} frames {size}x{size}, {len(names)} tasks; temporal τ: {source}")
+    log(f"{len(frames)} frames {size}x{size}" + (f" x {len(cameras)} cameras" if len(cameras) > 1 else "")
+        + f", {len(names)} tasks; temporal τ: {source}")
     dense = {t: engine.dense_model(t) for t in names}
     dense_flops = sum(flops.dense_flops(dense[t], size) for t in names)
 
@@ -238,7 +267,7 @@ def bench_video(path: str | Path, workdir: str | Path | None = None, model: str 
     outs = {"engine": {t: [] for t in names}, "stream": {t: [] for t in names}}
     with torch.inference_mode():
         for f, frame in enumerate(frames):
-            for kind, out in (("engine", engine(frame[None])), ("stream", stream.push(frame))):
+            for kind, out in (("engine", engine(frame)), ("stream", stream.push(frame))):
                 for t in names:
                     outs[kind][t].append(out[t].cpu())
             engine_flops.append(sum(s.executed_flops for s in engine.last_stats.values()))
@@ -268,13 +297,12 @@ def bench_video(path: str | Path, workdir: str | Path | None = None, model: str 
     engine.collect_stats = False
     stream = engine.stream(keyframe_every, split_layer)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    runs = {"independent": lambda x: [dense[t](x[None]) for t in names], "engine": lambda x: engine(x[None]),
-            "stream": stream.push}
+    runs = {"independent": lambda x: [dense[t](x) for t in names], "engine": engine, "stream": stream.push}
     per_pass = {"independent": [], "engine": [], "stream": []}
     with torch.inference_mode():
         for t in names:  # warm-up (not the stream: its state is the video's)
-            dense[t](frames[:1])
-        engine(frames[:1])
+            dense[t](frames[0])
+        engine(frames[0])
         for p in range(passes):
             stream.reset()
             times = {k: [] for k in per_pass}
@@ -292,7 +320,8 @@ def bench_video(path: str | Path, workdir: str | Path | None = None, model: str 
     pass_ratios = [s / e for s, e in zip(per_pass["stream"], per_pass["engine"])]
     eng_f, str_f = statistics.fmean(engine_flops), statistics.fmean(stream_flops)
     return {
-        "config": {"video": str(path), "frames": len(frames), "img": size,
+        "config": {"video": str(paths[0]) if len(paths) == 1 else [str(p) for p in paths], "cameras": len(paths),
+                   "frames": len(frames), "img": size,
                    "source": str(workdir) if workdir else "synthetic (random weights, 90 % sparse random deltas)",
                    "model": f"{engine.cfg.embed_dim}d/{depth}L" if workdir else model, "patch": engine.cfg.patch_size,
                    "tasks": len(names), "task_names": names, "keyframe_every": keyframe_every,
@@ -328,13 +357,16 @@ def format_video_table(r: dict) -> str:
     c = r["config"]
     gf = 1e9
     lines = [
-        f"bench --video {c['video']}: {c['frames']} frames {c['img']}x{c['img']}, {c['tasks']} tasks, "
+        f"bench --video {' '.join(c['video']) if c['cameras'] > 1 else c['video']}: {c['frames']} frames "
+        f"{c['img']}x{c['img']}" + (f" x {c['cameras']} cameras (one batch per frame)" if c['cameras'] > 1 else "")
+        + f", {c['tasks']} tasks, "
         f"{c['source']}; keyframe every {c['keyframe_every']}, {split_text(c['split_layer'])}, "
         f"{c['device']} {c['threads']} threads",
         f"temporal thresholds: {c['temporal_thresholds']}"
         + ("" if r["calibration"] is None else "; κ " + ", ".join(f"{t} {k:.3g}" for t, k in r["calibration"]["scale"].items())),
         "",
-        f"{'per frame':28s}{'ms':>10s}{'GFLOPs':>10s}   (ms: median over {c['passes']} passes of the per-frame mean)",
+        f"{'per frame':28s}{'ms':>10s}{'GFLOPs':>10s}   (ms: median over {c['passes']} passes of the per-frame mean"
+        + (f", all {c['cameras']} cameras; GFLOPs: per image)" if c["cameras"] > 1 else ")"),
         f"{'independent (' + str(c['tasks']) + ' dense)':28s}{r['independent_ms']:10.2f}{r['flops']['independent'] / gf:10.3f}",
         f"{'engine, frame by frame':28s}{r['engine_ms']:10.2f}{r['flops']['engine'] / gf:10.3f}",
         f"{'stream':28s}{r['stream_ms']:10.2f}{r['flops']['stream'] / gf:10.3f}",
