@@ -11,12 +11,32 @@ variables they share are set here (``CLUSTER_ENV``) and applied only by the fixt
 from __future__ import annotations
 
 import copy
+import io
 import socket
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 TINY_N, TINY_SIZE = 24, 32
+
+
+def launcher_in_process(*args) -> SimpleNamespace:
+    """``python -m launcher ARGS`` in this process, for commands that start no Ray workers (a
+    subprocess costs ~4 s of imports each): ``returncode``, ``stdout``, ``stderr``."""
+    import torch
+
+    from launcher.__main__ import main
+
+    out, err = io.StringIO(), io.StringIO()
+    threads = torch.get_num_threads()  # (--threads sets torch's global count)
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            rc = main([str(a) for a in args])
+    finally:
+        torch.set_num_threads(threads)
+    return SimpleNamespace(returncode=rc, stdout=out.getvalue(), stderr=err.getvalue())
 
 # Ray Train's controller polls its workers every 2 s by default: 0.2 s makes a short stage end
 # promptly. There is no preemption on a single test machine, and its watcher is one more process.

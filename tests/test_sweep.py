@@ -5,21 +5,17 @@ the failed one and keeps the finished one; ``report`` shows the front; ``sweep p
 ``report``, ``infer`` and ``bench --workdir`` accept."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
 import sys
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
-import torch
 import yaml
 
 from cluster.sweep_report import pareto_front, within
-from conftest import CLUSTER_ENV
+from conftest import CLUSTER_ENV, launcher_in_process
 
 REPO = Path(__file__).resolve().parent.parent
 HARNESS = REPO / "tests" / "harness"
@@ -47,21 +43,6 @@ def test_within_tolerance_by_hand():
 def _launcher(*args, env=None, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "launcher", *args], cwd=cwd or REPO, env=env, capture_output=True,
                           text=True, timeout=900)
-
-
-def _in_process(*args) -> SimpleNamespace:
-    """The command line in this process, for the commands that start no Ray workers (a
-    subprocess costs ~4 s of imports each)."""
-    from launcher.__main__ import main
-
-    out, err = io.StringIO(), io.StringIO()
-    threads = torch.get_num_threads()  # (bench sets torch's global thread count)
-    try:
-        with redirect_stdout(out), redirect_stderr(err):
-            rc = main([str(a) for a in args])
-    finally:
-        torch.set_num_threads(threads)
-    return SimpleNamespace(returncode=rc, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def _stage(state: dict, name: str) -> dict:
@@ -95,7 +76,7 @@ def test_sweep_end_to_end(tiny_suite, tmp_path):
     base = _stage(json.loads((wd / "base/store/state.json").read_text()), "base")["checksum"]
     assert _stage(ok, "base")["checksum"] == _stage(bad, "base")["checksum"] == base
 
-    status = _in_process("status", "--workdir", str(wd), "--format", "json")
+    status = launcher_in_process("status", "--workdir", str(wd), "--format", "json")
     assert [(t["trial"], t["state"], t["steps_done"]) for t in json.loads(status.stdout)["trials"]] == \
         [("sal-w0.5", "done", 2), ("sal-w0.9", "failed", 1)]
 
@@ -125,7 +106,7 @@ def test_sweep_end_to_end(tiny_suite, tmp_path):
     assert trial.data.metrics["weight_sparsity"] >= 0.9 - 1e-6
     assert {a.path for a in client.list_artifacts(sweep_id, "report")} == {"report/pareto_sal.png"}
 
-    rep = _in_process("report", "--workdir", str(wd), "--format", "json")
+    rep = launcher_in_process("report", "--workdir", str(wd), "--format", "json")
     assert rep.returncode == 0, rep.stderr[-2000:]
     sweep = json.loads(rep.stdout)["sweep"]["sal"]
     assert [t["state"] for t in sweep["trials"]] == ["done", "done"]
@@ -136,16 +117,16 @@ def test_sweep_end_to_end(tiny_suite, tmp_path):
     assert (wd / "report/pareto_sal.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     picked = tmp_path / "picked"
-    pk = _in_process("sweep", "pick", "--workdir", str(wd), "--out", str(picked))
+    pk = launcher_in_process("sweep", "pick", "--workdir", str(wd), "--out", str(picked))
     assert pk.returncode == 0, pk.stderr[-2000:]
-    rep = _in_process("report", "--workdir", str(picked), "--format", "json")
+    rep = launcher_in_process("report", "--workdir", str(picked), "--format", "json")
     assert rep.returncode == 0, rep.stderr[-2000:]
     row = json.loads(rep.stdout)["tasks"]["sal"]
     assert row["stage"] == "sal/step2" and row["flops"] == pytest.approx(chosen["flops"])
     image = next(Path(raw["dataset"]["root"]).glob("JPEGImages/*.jpg"))
-    inf = _in_process("infer", "--workdir", str(picked), "--images", str(image), "--out", str(tmp_path / "inf"))
+    inf = launcher_in_process("infer", "--workdir", str(picked), "--images", str(image), "--out", str(tmp_path / "inf"))
     assert inf.returncode == 0, inf.stderr[-2000:]
     assert (tmp_path / "inf" / image.stem / "panel.png").is_file()
-    bench = _in_process("bench", "--workdir", str(picked), "--batch", "2", "--format", "json")
+    bench = launcher_in_process("bench", "--workdir", str(picked), "--batch", "2", "--format", "json")
     assert bench.returncode == 0, bench.stderr[-2000:]
     assert "sal" in json.dumps(json.loads(bench.stdout))

@@ -1,18 +1,16 @@
 """bench --video and infer --video on a tiny trained suite: labelled sequences (calibrated
 temporal τ, metrics), an unlabelled folder (τ = 0: the stream is exact), a video file, the
 animation, and bad input."""
-import io
 import json
 import shutil
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from conftest import launcher_in_process
 from mtshare.data import synthesize_sequences
 
 @pytest.fixture(scope="module")
@@ -33,18 +31,7 @@ def frames_root(tmp_path_factory):
                                 size=32, seed=2, camera="static")
 
 
-def _launcher(*args):
-    """The command line, in this process (a subprocess per call cost ~4 s of imports each)."""
-    from launcher.__main__ import main
-
-    out, err = io.StringIO(), io.StringIO()
-    threads = torch.get_num_threads()  # (--threads sets torch's global count)
-    try:
-        with redirect_stdout(out), redirect_stderr(err):
-            rc = main([str(a) for a in args])
-    finally:
-        torch.set_num_threads(threads)
-    return SimpleNamespace(returncode=rc, stdout=out.getvalue(), stderr=err.getvalue())
+_launcher = launcher_in_process  # the command line, in this process
 
 
 def _val_sequence(root: Path) -> Path:
