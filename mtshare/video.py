@@ -102,14 +102,14 @@ def meter_options(store: Path) -> dict[str, dict]:
     return out
 
 
-def temporal_thresholds(engine, store: Path | None, path: Path | Sequence[Path], labelled, img_size: int, keyframe_every: int,
+def temporal_thresholds(engine, store: Path | None, paths: Sequence[Path], labelled, img_size: int, keyframe_every: int,
                         split_layer: int | None, tolerance: float, margin: float = 0.5, calib_frames: int = 32,
                         calib_sequences: int = 3, scale: float | None = None, frames: torch.Tensor | None = None,
                         log: Callable[[str], None] = lambda s: None) -> tuple[dict, str, dict | None]:
     """Set ``engine.temporal_thresholds`` (see the module docstring); returns (thresholds, where
     they come from, the calibration summary or None). ``scale``: instead, τ = κ × each layer's
     typical frame-to-frame change measured on the first two keyframe intervals of ``frames``
-    (uncalibrated: no metric is checked; for synthetic benchmarks). ``path``: the video (or
+    (uncalibrated: no metric is checked; for synthetic benchmarks). ``paths``: the video (or
     the cameras' videos), never calibrated on."""
     from mtshare.stream import calibrate_stream, uncalibrated_thresholds
 
@@ -127,7 +127,7 @@ def temporal_thresholds(engine, store: Path | None, path: Path | Sequence[Path],
         dataset, root, _, _ = labelled
         split_file = SPLIT_PATH[dataset](root, "train")
         train = sequences(read_ids(split_file)) if split_file.is_file() else {}
-        for p in [path] if isinstance(path, (str, Path)) else path:
+        for p in paths:
             train.pop(Path(p).resolve().name, None)
         chosen = list(train.items())[:calib_sequences]
         if chosen:
@@ -187,8 +187,8 @@ def _load(path: Path, workdir: str | Path | None, model: str, img: int, device: 
         labelled = None  # a random model has no metric
     rgb = labels = None
     if labelled is not None:
-        _, root, split, ids = labelled
-        frames, labels = _sequence_items(labelled[0], root, split, ids, engine.tasks, img)
+        _, root, split, ids = labelled  # (its dataset is the suite's: checked above)
+        frames, labels = _sequence_items(dataset, root, split, ids, engine.tasks, img)
         content = tuple(frames.shape[-2:])
     else:
         rgb = read_frames(path)
@@ -407,7 +407,7 @@ def infer_video(workdir: str | Path, path: str | Path, out_dir: str | Path, keyf
     video = _load(path, workdir, "", 0, "cpu")
     engine, frames, (ch, cw) = video.engine, video.frames, video.content
     keyframe_every, split_layer = stream_settings(engine, keyframe_every, split_layer)
-    _, source, _ = temporal_thresholds(engine, video.store, path, video.labelled, video.img_size, keyframe_every,
+    _, source, _ = temporal_thresholds(engine, video.store, [path], video.labelled, video.img_size, keyframe_every,
                                        split_layer, tolerance, log=log)
     log(f"{len(frames)} frames; temporal τ: {source}")
     stream = engine.stream(keyframe_every, split_layer)

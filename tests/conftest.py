@@ -38,6 +38,7 @@ def launcher_in_process(*args) -> SimpleNamespace:
         torch.set_num_threads(threads)
     return SimpleNamespace(returncode=rc, stdout=out.getvalue(), stderr=err.getvalue())
 
+
 # Ray Train's controller polls its workers every 2 s by default: 0.2 s makes a short stage end
 # promptly. There is no preemption on a single test machine, and its watcher is one more process.
 CLUSTER_ENV = {

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import launcher_in_process
+from conftest import launcher_in_process as _launcher  # the command line, in this process
 from mtshare.data import synthesize_sequences
 
 @pytest.fixture(scope="module")
@@ -29,9 +29,6 @@ def frames_root(tmp_path_factory):
     """Static-camera sequences in the PASCAL-Context layout at the suite's size (32 px)."""
     return synthesize_sequences("pascal_context", tmp_path_factory.mktemp("vid") / "seqs", sequences=4, frames=6,
                                 size=32, seed=2, camera="static")
-
-
-_launcher = launcher_in_process  # the command line, in this process
 
 
 def _val_sequence(root: Path) -> Path:
@@ -93,10 +90,10 @@ def test_bench_video_unlabelled_folder_and_video_file_run_exact(suite_dir, frame
 
 def test_bench_video_cameras_stream_as_one_batch(suite_dir, frames_root, tmp_path):
     """Several videos are several cameras, one batch per frame: at τ = 0 the batched stream is
-    exact (unlabelled copies, one cut to the shorter; split = depth, as in the test above), and with labels the metric is pooled
-    over every camera's frames, each output scored against its own camera's labels."""
+    exact (unlabelled copies, one cut to the shorter; split = depth, as in the test above), and
+    with labels the metric is pooled over every camera's frames, each output scored against its
+    own camera's labels."""
     from mtshare import operating_point as op
-    from mtshare.infer import load_suite_engine
     from mtshare.video import _load
 
     seqs = [frames_root / "JPEGImages" / s for s in sorted(p.name for p in (frames_root / "JPEGImages").iterdir())[:2]]
@@ -120,8 +117,9 @@ def test_bench_video_cameras_stream_as_one_batch(suite_dir, frames_root, tmp_pat
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["config"]["cameras"] == 2 and out["config"]["labelled"] and out["stream_flops_ratio"] < 1
-    engine, _ = load_suite_engine(suite_dir / "store")
-    videos = [_load(s, suite_dir, "", 0, "cpu") for s in seqs]
+    first = _load(seqs[0], suite_dir, "", 0, "cpu")
+    videos = [first, _load(seqs[1], suite_dir, "", 0, "cpu", suite=first)]
+    engine = first.engine
     n = min(len(v.frames) for v in videos)
     with torch.inference_mode():
         outputs = [engine(v.frames[f:f + 1])["sal"] for v in videos for f in range(n)]
