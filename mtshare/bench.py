@@ -327,7 +327,10 @@ def measure_crossovers(model: str = "vit_base", img: int = 512, batch: int = 1, 
     Ratios < 1 mean the sparse path is faster. Gather: index_select → GEMM → index_add_ on a
     fraction r of rows vs ``addmm`` on all rows. CSR weight: ``CSRMatrix`` (embedding_bag) and
     ``torch.sparse.mm`` on the same CSR vs the dense GEMM with the full weight. CSR activation:
-    building the CSR of the delta + product with ``W_bᵀ`` vs the dense GEMM.
+    building the CSR of the delta + product with ``W_bᵀ`` vs the dense GEMM. Engine gather: the
+    whole path a sub-task's linear runs with a τ (the delta ``x_s − x_b``, its row maxima, the
+    kept rows, a copy of ``y_b``, the GEMM on the kept rows, the scatter-add) vs the merged GEMM
+    ``F.linear(x_s, W, b)``, beside :meth:`SparsePolicy.gather_limit` for the shape.
     """
     cfg = vit_config(model, 16)
     d, hid = cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio)
@@ -336,11 +339,16 @@ def measure_crossovers(model: str = "vit_base", img: int = 512, batch: int = 1, 
     g = torch.Generator().manual_seed(0)
 
     def med(fn):
-        fn()
-        return statistics.median(_timed(fn) for _ in range(repeats))
+        calls = max(1, int(5.0 / max(_timed(fn), 1e-3)))  # ≥ ~5 ms per sample: sub-ms ops time as loops
+
+        def loop():
+            for _ in range(calls):
+                fn()
+        return statistics.median(_timed(loop) for _ in range(repeats)) / calls
 
     out: dict = {"model": model, "img": img, "batch": batch, "tokens": n, "threads": torch.get_num_threads(),
-                 "gather": {}, "csr_weight": {}, "torch_sparse_mm": {}, "csr_act": {}}
+                 "gather": {}, "csr_weight": {}, "torch_sparse_mm": {}, "csr_act": {}, "engine_gather": {},
+                 "gather_limit": {k: SparsePolicy().gather_limit(*v) for k, v in shapes.items()}}
     with torch.inference_mode():
         for lname, (d_in, d_out) in shapes.items():
             x = torch.randn(n, d_in, generator=g)
@@ -360,13 +368,27 @@ def measure_crossovers(model: str = "vit_base", img: int = 512, batch: int = 1, 
                     tcsr = wd.to_sparse_csr()
                     t = med(lambda: y.clone().add_(torch.sparse.mm(tcsr, x.t().contiguous()).t()))
                     out["torch_sparse_mm"].setdefault(str(dens), {})[lname] = t / dense
+            bias = torch.randn(d_out, generator=g)
+            y_b = F.linear(x, w, bias)
+            x_s = x + torch.rand(n, 1, generator=g) * torch.randn(n, d_in, generator=g)  # rows differ in size
+            merged = med(lambda: F.linear(x_s, w, bias))
+            row_max = (x_s - x).abs().amax(dim=1)
+            for r in (0.1, 0.25, 0.5, 0.75, 0.9):
+                tau = float(row_max.quantile(1.0 - r))
+
+                def engine_gather():
+                    delta = x_s - x
+                    keep = (torch.maximum(delta.amax(dim=1), delta.amin(dim=1).neg_()) >= tau).nonzero().squeeze(1)
+                    return y_b.clone().index_add_(0, keep, F.linear(delta.index_select(0, keep), w))
+                out["engine_gather"].setdefault(str(r), {})[lname] = med(engine_gather) / merged
             wt = w.t().contiguous()
             for dens in (0.01, 0.02, 0.05, 0.1):
                 xd = x * (torch.rand(x.shape, generator=g) < dens)
                 t = med(lambda: y.clone().add_(CSRMatrix(xd).matmul(wt)))
                 out["csr_act"].setdefault(str(dens), {})[lname] = t / dense
             log(f"{lname}: dense GEMM {dense:.2f} ms ({n}x{d_in} -> {d_out})")
-    for key in ("gather", "csr_weight", "torch_sparse_mm", "csr_act"):
+    log("gather_limit (kept rows): " + "  ".join(f"{k} {v:.2f}" for k, v in out["gather_limit"].items()))
+    for key in ("gather", "engine_gather", "csr_weight", "torch_sparse_mm", "csr_act"):
         for dens, per in out[key].items():
             per["mean"] = sum(per.values()) / len(per)
             log(f"{key:16s} density {dens:>5s}: " + "  ".join(f"{k} {v:.2f}" for k, v in per.items()))

@@ -87,6 +87,11 @@ class SparsePolicy:
     ``gather_max``      activation rows: gather → GEMM → scatter-add while at most this fraction
                         of the tokens survive T_τ (measured 0.14 / 0.62 / 0.80 / 0.93 of the dense
                         GEMM at 10 / 50 / 75 / 90 % rows);
+    ``gather_overhead`` on narrow layers less: the plan keeps a layer sparse while its kept rows
+                        are at most :meth:`gather_limit` (the delta, its row maxima, the copy of
+                        ``y_b`` and the scatter-add cost ~``d_in + d_out`` per row where the GEMM
+                        costs ``d_in · d_out``; fitted on the 64-wide demo layers, where the path
+                        costs 0.6–0.8 of the GEMM at 10 % rows, 1.1–1.3 at 50 %);
     ``csr_act_max``     element mode: CSR activation product while the entry density is at most
                         this (0.36 / 0.61 / 0.92 at 1 / 5 / 10 %);
     ``csr_weight_max``  a delta weight stays CSR up to this density, denser ones are merged into
@@ -102,9 +107,17 @@ class SparsePolicy:
     csr_act_max: float = 0.05
     csr_weight_max: float = 0.15
     cols_fill_min: float = 0.5
+    gather_overhead: float = 32.0
     # A CSR-weight layer without a τ (exact), or whose fitted τ keeps too many rows to pay, runs
     # merged (never above its dense cost). False keeps CSR layers sparse (path tests, benches).
     never_above_dense: bool = True
+
+    def gather_limit(self, d_in: int, d_out: int) -> float:
+        """The largest fraction of kept rows at which the gather path of a ``d_in → d_out``
+        linear still beats its merged GEMM: ``gather_max`` on wide layers (ViT-S/B: 0.8), less
+        on narrow ones (128 wide: 0.5 for proj, ~0.7 for the others; 64 wide: 0 for proj,
+        ~0.35 for the others)."""
+        return min(self.gather_max, 1.0 - self.gather_overhead * (d_in + d_out) / (d_in * d_out))
 
 
 class CSRMatrix:
@@ -638,7 +651,7 @@ class SharedEngine(nn.Module):
             rows = rowmax >= tau if (tau > 0 and self.threshold_mode == "token") else rowmax > 0
             idx = rows.nonzero().squeeze(1)
             r = idx.numel() / n
-            if self._fitting(sub.name) and not self._sparse_pays(r, lin):
+            if self._fitting(sub.name) and not self._sparse_pays(r, lin, d_in, d_out):
                 # Fitting: at this τ the kept rows (plus a CSR weight) would not pay against the
                 # merged layer, so the plan runs this layer merged (exact): it keeps no τ.
                 self.thresholds[sub.name].pop(name, None)
@@ -710,12 +723,13 @@ class SharedEngine(nn.Module):
         st.executed_flops += executed / self._batch  # FLOPs are reported per image
         st.theoretical_flops += theoretical / self._batch
 
-    def _sparse_pays(self, rows: float, lin: _DeltaLinear) -> bool:
-        """Whether gathered rows + the CSR delta weight beat the merged layer: in FLOPs, and in
-        time by the measured gather crossover (``SparsePolicy.gather_max``)."""
+    def _sparse_pays(self, rows: float, lin: _DeltaLinear, d_in: int, d_out: int) -> bool:
+        """Whether gathered rows + the sparse delta weight beat the merged layer: in FLOPs, and
+        in time by the measured gather crossover for the layer's shape
+        (:meth:`SparsePolicy.gather_limit`)."""
         if not self.policy.never_above_dense:
             return True
-        return rows <= self.policy.gather_max and rows + lin.weight_work / lin.weight_numel < 1.0
+        return rows <= self.policy.gather_limit(d_in, d_out) and rows + lin.weight_work / lin.weight_numel < 1.0
 
     def _runs_merged(self, task: str, name: str) -> bool:
         """The per-layer plan, fixed by the thresholds (never by the batch, so a model's outputs

@@ -334,3 +334,24 @@ def test_report_plan_names_column_blocks():
     point = {"rows_skipped": 0.4, "paths": {"gather+csr": 1.0}}
     assert _plan(point) == "sparse"
     assert _plan({"rows_skipped": 0.0, "paths": {"gather+cols": 1.0}}) == "dense"
+
+
+def test_plan_merges_a_layer_where_the_gather_does_not_pay_for_its_shape(suite):
+    """The plan keeps a layer sparse only while its kept rows are under the gather crossover
+    for its shape: 0.8 on ViT-B layers, less on the 64-wide layers of vit_debug, where the
+    path's fixed element-wise work weighs as much as the GEMM it replaces."""
+    policy = SparsePolicy()
+    assert policy.gather_limit(768, 3072) == policy.gather_limit(768, 2304) == 0.8
+    assert policy.gather_limit(128, 128) == pytest.approx(0.5)
+    assert policy.gather_limit(64, 64) == pytest.approx(0.0)  # proj: never pays at 64 wide
+    assert policy.gather_limit(64, 192) == pytest.approx(1 / 3)  # qkv
+    assert policy.gather_limit(64, 256) == pytest.approx(0.375)  # fc1, fc2
+    x = torch.randn(2, 3, 64, 64)
+    for density, sparse in ((0.45, ()), (0.3, ("attn.qkv", "mlp.fc1", "mlp.fc2"))):
+        engine = _engine(suite)
+        engine.fit_thresholds(x, {"human_parts": density})
+        kinds = {p.split(".", 2)[2] for p in engine.thresholds["human_parts"]}
+        assert kinds == set(sparse), (density, kinds)
+        engine(x)  # the kept thresholds run sparse, the others merged
+        paths = engine.last_stats["human_parts"].paths
+        assert {p for p, how in paths.items() if how != "merged"} == set(engine.thresholds["human_parts"])
