@@ -162,6 +162,11 @@ class CalibrationConfig(_Strict):
     per_layer: bool = Field(False, description="then lower each layer's density alone where the metric allows "
                             "(up to 3 more engine passes per layer; pays on smooth metrics, overfits noisy ones "
                             "on a small holdout: see docs/method.md)")
+    plan: Literal["time", "flops"] = Field(
+        "time", description="time: a layer skips rows only where that beats its merged GEMM on the measured CPU "
+        "crossover for its shape (SparsePolicy.gather_limit; narrow layers run merged unless most rows skip); "
+        "flops: wherever it saves FLOPs, up to SparsePolicy.gather_max of the rows (can be slower than dense "
+        "on narrow layers)")
 
 
 class StreamConfig(_Strict):

@@ -38,7 +38,7 @@ from mtshare import checkpoint as ckpt
 from mtshare import flops
 from mtshare import operating_point as op
 from mtshare.data import ClipDataset, build_dataset, sequences
-from mtshare.engine import SharedEngine
+from mtshare.engine import SharedEngine, SparsePolicy
 from mtshare.models import DenseTaskModel, build_model, load_pretrained
 from mtshare.models.delta import (
     ActivationRecorder, add_deltas, base_mode, close_smallest, delta_sparsity, effective_deltas, gate_sparsity,
@@ -509,8 +509,9 @@ class Trainer:
         cal = self.spec.calibration
         if cal is None:
             return {**out, "flops": dense, "delta_activation_sparsity": None}
+        policy = SparsePolicy(gather_overhead=0.0) if cal.plan == "flops" else SparsePolicy()
         engine = SharedEngine.from_base_checkpoint(self.base_path, {self.spec.task: (eff, self.model.head)},
-                                                   self.base_sha256, device=self.device)
+                                                   self.base_sha256, device=self.device, policy=policy)
         bs = self.spec.optim.batch_size
         calib = op.stack(DataLoader(self.holdout_set, batch_size=bs), self.spec.task)
         point = op.operating_point(engine, self.spec.task, calib, DataLoader(self.full_val_set, batch_size=bs),
