@@ -87,11 +87,13 @@ class SparsePolicy:
     ``gather_max``      activation rows: gather → GEMM → scatter-add while at most this fraction
                         of the tokens survive T_τ (measured 0.14 / 0.62 / 0.80 / 0.93 of the dense
                         GEMM at 10 / 50 / 75 / 90 % rows);
-    ``gather_overhead`` on narrow layers less: the plan keeps a layer sparse while its kept rows
-                        are at most :meth:`gather_limit` (the delta, its row maxima, the copy of
-                        ``y_b`` and the scatter-add cost ~``d_in + d_out`` per row where the GEMM
-                        costs ``d_in · d_out``; fitted on the 64-wide demo layers, where the path
-                        costs 0.6–0.8 of the GEMM at 10 % rows, 1.1–1.3 at 50 %);
+    ``gather_overhead`` the plan keeps a layer sparse only while its kept rows are at most
+                        :meth:`gather_limit`: ``gather_max`` on wide layers, less on narrow ones,
+                        where the delta, its row maxima, the copy of ``y_b`` and the scatter-add
+                        (~``d_in + d_out`` per row, against the GEMM's ``d_in · d_out``) weigh as
+                        much as the GEMM. Fitted on the demo's 64-wide layers: the whole path
+                        costs 0.6–1.1 of the merged GEMM at 10 % of the rows kept, 1.1–1.8 at
+                        50 %, proj 1.1–2.4 at any density;
     ``csr_act_max``     element mode: CSR activation product while the entry density is at most
                         this (0.36 / 0.61 / 0.92 at 1 / 5 / 10 %);
     ``csr_weight_max``  a delta weight stays CSR up to this density, denser ones are merged into

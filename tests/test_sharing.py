@@ -14,7 +14,7 @@ from mtshare import checkpoint as ckpt
 from mtshare import operating_point as op
 from mtshare.config import validate_suite
 from mtshare.data import build_dataset
-from mtshare.engine import SharedEngine
+from mtshare.engine import SharedEngine, SparsePolicy
 from mtshare.models import build_model
 from mtshare.models.delta import (
     ActivationRecorder, DeltaParam, add_deltas, base_mode, close_smallest, delta_sparsity, effective_deltas,
@@ -196,8 +196,6 @@ def test_step1_controller_reaches_the_target_sparsity(trained):
 
 
 def test_step1_with_column_gates_stores_column_deltas_the_engine_runs_as_blocks(trained, tmp_path):
-    from mtshare.engine import SharedEngine
-
     s1 = trained["specs"]["sal/step1"]
     spec = s1.model_copy(update={"name": "sal/step1_cols", "optim": s1.optim.model_copy(
         update={"iters": 12, "eval_every": 12, "log_every": 1000, "delta_gates": "column"})})
@@ -403,6 +401,24 @@ def test_step3_train_row_density_trains_through_the_skipping(trained, tmp_path):
     raw = {"act_penalty": "element", "train_row_density": 0.5}
     with pytest.raises(ValueError, match="train_row_density needs act_penalty: row"):
         s3.optim.model_validate({**s3.optim.model_dump(), **raw})
+
+
+def test_time_plan_keeps_tau_only_where_the_gather_pays(trained, tmp_path):
+    """The same step3 calibrated with the default time plan: a 64-wide layer keeps its τ only
+    while its kept rows are under SparsePolicy.gather_limit, so never on proj, where the
+    fixture's flops plan keeps τ on proj layers too."""
+    import shutil
+    store = trained["store"]
+    for d in ("base", "sal/step2"):
+        shutil.copytree(store / d, tmp_path / d)
+    flops_point = trained["results"]["sal/step3"]["operating_point"]
+    assert any(k.endswith("attn.proj") for k in flops_point["tau"])  # what the time plan must drop
+    s3 = trained["specs"]["sal/step3"]
+    timed = s3.model_copy(update={"calibration": s3.calibration.model_copy(update={"plan": "time"})})
+    point = run_stage(timed, tmp_path, base_sha256=_base_sha(trained))["operating_point"]
+    assert not any(k.endswith("attn.proj") for k in point["tau"])
+    limit = SparsePolicy().gather_limit(64, 256)  # the largest at 64 wide: fc1, fc2
+    assert not point["tau"] or point["calibration"]["row_density"] <= limit + 0.02
 
 
 # --- 4. the operating point --------------------------------------------------------------------

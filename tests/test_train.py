@@ -27,6 +27,9 @@ def tiny_suite(root, **over) -> dict:
             "step2": {"iters": 10, "batch_size": 8, "lr_delta": 1e-3, "eval_every": 10},
             "step3": {"iters": 10, "batch_size": 8, "lr_delta": 1e-3, "act_row": 1.0, "eval_every": 10},
         },
+        # The FLOPs plan: under the time plan these briefly trained 64-wide sub-tasks may keep too
+        # many rows for any layer to beat its merged GEMM (tests/test_sharing.py tests that plan).
+        "calibration": {"plan": "flops"},
     }
     for k, v in over.items():
         raw[k] = v
