@@ -92,8 +92,8 @@ class SparsePolicy:
                         where the delta, its row maxima, the copy of ``y_b`` and the scatter-add
                         (~``d_in + d_out`` per row, against the GEMM's ``d_in · d_out``) weigh as
                         much as the GEMM. Fitted on the demo's 64-wide layers: the whole path
-                        costs 0.6–1.1 of the merged GEMM at 10 % of the rows kept, 1.1–1.8 at
-                        50 %, proj 1.1–2.4 at any density;
+                        costs 0.6–1.4 of the merged GEMM at 10 % of the rows kept, 1.1–1.8 at
+                        50 %, proj 1.1–3.4 at any density;
     ``csr_act_max``     element mode: CSR activation product while the entry density is at most
                         this (0.36 / 0.61 / 0.92 at 1 / 5 / 10 %);
     ``csr_weight_max``  a delta weight stays CSR up to this density, denser ones are merged into
