@@ -517,6 +517,7 @@ class Trainer:
         point = op.operating_point(engine, self.spec.task, calib, DataLoader(self.full_val_set, batch_size=bs),
                                    self.spec.dataset.name, cal.tolerance, cal.margin, cal.steps, self._meter_options(),
                                    cal.per_layer)
+        point["calibration"]["plan"] = cal.plan  # stored with τ: which plan they were calibrated for
         out = {**out, "flops": point["flops"], "delta_activation_sparsity": point["rows_skipped"],
                "operating_point": point}
         if self.spec.stream is not None:  # on top of the base's temporal τ (stored with the base)

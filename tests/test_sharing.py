@@ -416,6 +416,7 @@ def test_time_plan_keeps_tau_only_where_the_gather_pays(trained, tmp_path):
     s3 = trained["specs"]["sal/step3"]
     timed = s3.model_copy(update={"calibration": s3.calibration.model_copy(update={"plan": "time"})})
     point = run_stage(timed, tmp_path, base_sha256=_base_sha(trained))["operating_point"]
+    assert (point["calibration"]["plan"], flops_point["calibration"]["plan"]) == ("time", "flops")
     assert not any(k.endswith("attn.proj") for k in point["tau"])
     limit = SparsePolicy().gather_limit(64, 256)  # the largest at 64 wide: fc1, fc2
     assert not point["tau"] or point["calibration"]["row_density"] <= limit + 0.02
