@@ -33,29 +33,33 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(1)
     store = f"{a.workdir}/store"
-    policy = SparsePolicy(gather_overhead=0.0) if a.plan == "flops" else SparsePolicy()
-    engine, manifest = load_suite_engine(store)
-    d = manifest["spec"]["dataset"]
-    dense = {r["task"]: r["dense_flops"] for r in load_results(store).values()}
-    base, subs = engine.base_task, [t for t in engine.tasks if t != engine.base_task]
+    results = load_results(store)
+    dense = {r["task"]: r["dense_flops"] for r in results.values()}
+    base = results["base"]["task"]
+    subs = sorted(t for t in dense if t != base)
+    # Per sub-task, once: an engine with that sub-task alone (as its stage calibrates it), its
+    # holdout images and its val loader. Each calibration starts from τ = 0, so they are reused.
+    setups = {}
+    for task in subs:
+        engine, manifest = load_suite_engine(store, policy=SparsePolicy.for_plan(a.plan))
+        for other in subs:
+            if other != task:
+                del engine.subtasks[other]
+        d = manifest["spec"]["dataset"]
+        train = build_dataset(d["name"], d["root"], "train", [task], train=False, img_size=d["img_size"])
+        holdout = Subset(train, list(range(len(train) - d["holdout"], len(train))))
+        val = build_dataset(d["name"], d["root"], "val", [task], train=False, img_size=d["img_size"])
+        setups[task] = (engine, op.stack(DataLoader(holdout, batch_size=16), task), DataLoader(val, batch_size=16),
+                        d["name"])
     for tol in (float(t) for t in a.tolerances.split(",")):
         total, cells = dense[base], []
-        for task in subs:
-            one, _ = load_suite_engine(store, policy=policy)
-            for other in subs:
-                if other != task:
-                    del one.subtasks[other]
-            train = build_dataset(d["name"], d["root"], "train", [task], train=False, img_size=d["img_size"])
-            holdout = Subset(train, list(range(len(train) - d["holdout"], len(train))))
-            val = build_dataset(d["name"], d["root"], "val", [task], train=False, img_size=d["img_size"])
-            point = op.operating_point(one, task, op.stack(DataLoader(holdout, batch_size=16), task),
-                                       DataLoader(val, batch_size=16), d["name"], tol, a.margin,
+        for task, (engine, calib, val, dataset) in setups.items():
+            point = op.operating_point(engine, task, calib, val, dataset, tol, a.margin,
                                        meter_options=op.meter_options(task, a.edge_thresholds))
             total += point["flops"]
             change = (point["value"] - point["value_exact"]) / abs(point["value_exact"])
             cells.append(f"{task} {point['flops'] / dense[task]:.3f} ({100 * change:+.2f} %)")
         print(f"tolerance {tol:g}: suite {total / sum(dense.values()):.3f} | " + " | ".join(cells), flush=True)
-
 
 if __name__ == "__main__":
     main()

@@ -114,6 +114,12 @@ class SparsePolicy:
     # merged (never above its dense cost). False keeps CSR layers sparse (path tests, benches).
     never_above_dense: bool = True
 
+    @classmethod
+    def for_plan(cls, plan: str) -> "SparsePolicy":
+        """The policy a calibration with ``calibration.plan`` fits under: ``time`` the measured
+        per-shape crossover, ``flops`` only ``gather_max`` (sparse wherever it saves FLOPs)."""
+        return cls(gather_overhead=0.0) if plan == "flops" else cls()
+
     def gather_limit(self, d_in: int, d_out: int) -> float:
         """The largest fraction of kept rows at which the gather path of a ``d_in → d_out``
         linear still beats its merged GEMM: ``gather_max`` on wide layers (ViT-S/B: 0.8), less

@@ -509,9 +509,9 @@ class Trainer:
         cal = self.spec.calibration
         if cal is None:
             return {**out, "flops": dense, "delta_activation_sparsity": None}
-        policy = SparsePolicy(gather_overhead=0.0) if cal.plan == "flops" else SparsePolicy()
         engine = SharedEngine.from_base_checkpoint(self.base_path, {self.spec.task: (eff, self.model.head)},
-                                                   self.base_sha256, device=self.device, policy=policy)
+                                                   self.base_sha256, device=self.device,
+                                                   policy=SparsePolicy.for_plan(cal.plan))
         bs = self.spec.optim.batch_size
         calib = op.stack(DataLoader(self.holdout_set, batch_size=bs), self.spec.task)
         point = op.operating_point(engine, self.spec.task, calib, DataLoader(self.full_val_set, batch_size=bs),
