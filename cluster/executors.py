@@ -240,7 +240,8 @@ class RayExecutor:
                 # As torchrun does: OpenMP threads = the CPUs a worker holds (read at process start).
                 worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, int(r.cpus_per_worker)))}},
             ),
-            torch_config=TorchConfig(backend="nccl" if spec.device == "cuda" else "gloo"),
+            torch_config=TorchConfig(backend="nccl" if spec.device == "cuda" else "gloo",
+                                     timeout_s=r.collective_timeout_s),
         )
         try:
             result = trainer.fit()

@@ -30,6 +30,17 @@ def _clock(seconds: float | None) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
 
 
+def phase_note(st: dict) -> str:
+    """A running stage's end-of-stage evaluation phase, e.g. ``calibrate 4/11`` or ``val_at_tau
+    96/1277 images (rank 0 of 4)``; "" while it trains."""
+    ph = st.get("phase")
+    if not ph:
+        return ""
+    unit = "" if ph["phase"] in ("calibrate", "stream_calibrate") else (" frames" if "stream" in ph["phase"] else " images")
+    share = f" (rank 0 of {ph['ranks']})" if unit and (ph.get("ranks") or 1) > 1 else ""
+    return f"{ph['phase']} {ph['done']}/{ph['total']}{unit}{share}"
+
+
 def render_state(state: dict, live: bool = True, etas: dict[str, float] | None = None) -> Group:
     """The stage table of a state dict (``state.json``)."""
     etas = etas or {}
@@ -43,7 +54,7 @@ def render_state(state: dict, live: bool = True, etas: dict[str, float] | None =
         elapsed = (ended or now) - started if started and st["status"] in ("running", "done", "failed") else None
         step = f"{st.get('iteration') or 0}/{st.get('iters') or '?'}" if st["status"] != "pending" else f"-/{st.get('iters') or '?'}"
         eta = _clock(etas.get(st["name"])) if st["status"] == "running" else ""
-        note = st.get("error") or ""
+        note = st.get("error") or (phase_note(st) if st["status"] == "running" else "")
         table.add_row(st["name"], Text(st["status"], style=STYLE.get(st["status"], "")), _short_node(st),
                       str(st.get("attempts", 0)), step, eta, _clock(elapsed), note)
     parts: list = [table]
@@ -126,8 +137,9 @@ class ProgressView:
                 self._plain_at[name] = time.time()
             elif st["status"] == "running" and time.time() - self._plain_at.get(name, 0) > PLAIN_EVERY_S:
                 self._plain_at[name] = time.time()
-                print(f"[{stamp}] {name}: step {st.get('iteration', 0)}/{st.get('iters')} ETA {_clock(etas.get(name))}",
-                      flush=True)
+                phase = phase_note(st)
+                where = phase or f"step {st.get('iteration', 0)}/{st.get('iters')} ETA {_clock(etas.get(name))}"
+                print(f"[{stamp}] {name}: {where}", flush=True)
 
 
 def show_status(workdir, fmt: str = "table") -> int:

@@ -403,7 +403,7 @@ class SuiteDriver:
             st.get("mlflow_run_id"),
         ) or st.get("mlflow_run_id")
         self.book.update(spec.name, status="running", started=time.time(), ended=None, error=None, node=None,
-                         host=None, mlflow_run_id=run_id, iteration=0)
+                         host=None, mlflow_run_id=run_id, iteration=0, phase=None)
 
     # --- events and outcomes ----------------------------------------------------------------
     def _apply_events(self, events: list[dict]) -> None:
@@ -435,6 +435,9 @@ class SuiteDriver:
                 dirty = True
             elif kind == "checkpoint":
                 self.book.update(name, save=False, checkpoint_iteration=ev["iteration"])
+                dirty = True
+            elif kind == "phase":  # the end-of-stage evaluations (rank 0's share of each)
+                self.book.update(name, save=False, phase={k: ev[k] for k in ("phase", "done", "total", "ranks")})
                 dirty = True
             elif kind == "log":
                 self.book.update(name, save=False, iteration=max(int(ev["step"]), st.get("iteration") or 0))

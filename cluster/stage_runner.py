@@ -83,6 +83,9 @@ def checkpoint_format(ds_config: dict | None, deepspeed: bool) -> str:
 
 # --- small helpers -------------------------------------------------------------------------
 
+PHASE_EVERY_S = 2.0  # end-of-stage evaluation progress: one event per phase per this many seconds at most
+
+
 class _Emitter:
     """Sends progress events to the driver's board (a Ray actor or a local object); rank 0 only.
     Fire-and-forget: a lost event costs a progress line, never the stage."""
@@ -350,6 +353,17 @@ def _run_step(spec: StageSpec, job: dict, storage: Storage, prev_sha: str | None
             # one): the previous checkpoint is the one a restart of this launch surely gets.
             emit("checkpoint", iteration=reported[-2])
 
+    last_phase: dict = {}
+
+    def on_progress(phase: str, done: int, total: int) -> None:
+        """The end-of-stage evaluations, on the status table: at each new phase, its end, and
+        at most every PHASE_EVERY_S seconds between."""
+        now = time.time()
+        if phase == last_phase.get("phase") and done < total and now - last_phase.get("time", 0) < PHASE_EVERY_S:
+            return
+        last_phase.update(phase=phase, time=now)
+        emit("phase", phase=phase, done=int(done), total=int(total), ranks=world_size)
+
     def on_log(metrics: dict, step: int) -> None:
         if "resumed_from" in metrics:
             emit("resume", iteration=int(metrics["resumed_from"]), iters=spec.optim.iters)
@@ -360,7 +374,7 @@ def _run_step(spec: StageSpec, job: dict, storage: Storage, prev_sha: str | None
         base_path, prev_path = _fetch_inputs(storage, spec, job["base_sha256"], prev_sha, emit, node)
         trainer = Trainer(spec, out_dir, base_path=base_path, base_sha256=job["base_sha256"], prev_path=prev_path,
                           device=device, wrap=wrap, on_log=on_log, on_checkpoint=on_checkpoint,
-                          resume_dir=resume_dir or out_dir / RESUME_DIR)
+                          resume_dir=resume_dir or out_dir / RESUME_DIR, on_progress=on_progress)
         if sampler is not None:
             sampler.start(lambda: trainer.iteration)
         outcome["stepper"] = {"class": type(trainer.stepper).__name__,

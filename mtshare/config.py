@@ -167,6 +167,11 @@ class CalibrationConfig(_Strict):
         "crossover for its shape (SparsePolicy.gather_limit; narrow layers run merged unless most rows skip); "
         "flops: wherever it saves FLOPs, up to SparsePolicy.gather_max of the rows (can be slower than dense "
         "on narrow layers)")
+    edge_thresholds: int | None = Field(
+        None, gt=0, description="ODS-F thresholds of the edge calibration criterion (the bisection on the "
+        "holdout); null: the step's optim.edge_thresholds. The reported val figures always use "
+        "optim.edge_thresholds (99: BSDS). ODS-F's cost grows with its thresholds: 25 cost about 0.3x of 99 "
+        "(docs/architecture.md, At real scale)")
 
 
 class StreamConfig(_Strict):
@@ -203,6 +208,12 @@ class ResourcesConfig(_Strict):
     start_timeout_s: float = Field(
         600, gt=0, description="how long a stage's worker group may take to start (placement, imports) before "
         "Ray Train gives up; a real cluster may wait for nodes"
+    )
+    collective_timeout_s: int = Field(
+        1800, gt=0, description="timeout of one collective (all-reduce, barrier) in a stage's process group "
+        "(Ray Train's TorchConfig.timeout_s): how long a rank may wait for the others before the group is "
+        "aborted and the stage restarts from its last checkpoint. Every end-of-stage evaluation is sharded, "
+        "so no rank waits longer than about one batch; raise it for very slow storage or data loading"
     )
 
 
@@ -256,6 +267,9 @@ class SuiteConfig(_Strict):
         if self.device == "cuda" and (g < 1 or g != int(g)):
             raise ValueError(f"resources.gpus_per_worker: device cuda needs a whole number of GPUs per worker "
                              f"(>= 1), got {g:g}")
+        if self.steps and self.dataset.holdout < self.resources.workers:
+            raise ValueError(f"dataset.holdout: {self.dataset.holdout} images cannot be shared by resources.workers "
+                             f"{self.resources.workers} (every rank calibrates on its own share of the holdout)")
         if self.dataset.img_size % self.model.patch_size:
             raise ValueError(
                 f"dataset.img_size {self.dataset.img_size} is not divisible by model.patch_size {self.model.patch_size}"

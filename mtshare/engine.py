@@ -66,6 +66,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from mtshare import checkpoint as ckpt
+from mtshare.evaluation import Progress, Ranks
 from mtshare.models import DenseTaskModel
 from mtshare.models.heads import DenseHead
 from mtshare.models.vit import FLAVORS, ViTConfig, ViTEncoder, _sincos_pos_embed, vit_config
@@ -338,6 +339,7 @@ class SharedEngine(nn.Module):
         self.temporal_thresholds: dict[str, dict[str, float]] = {}
         self.stream_settings: dict | None = None  # {"keyframe_every", "split_layer"} the stored τ were calibrated for
         self._fit_density: dict[str, float | dict[str, float]] | None = None
+        self._fit_ranks: Ranks = Ranks.single()  # fitting τ on a split sharded over these ranks
         self._head_flops: dict[tuple, float] = {}
         self._wt_cache: dict[str, torch.Tensor] = {}
 
@@ -659,7 +661,8 @@ class SharedEngine(nn.Module):
             rows = rowmax >= tau if (tau > 0 and self.threshold_mode == "token") else rowmax > 0
             idx = rows.nonzero().squeeze(1)
             r = idx.numel() / n
-            if self._fitting(sub.name) and not self._sparse_pays(r, lin, d_in, d_out):
+            if self._fitting(sub.name) and not self._sparse_pays(self._fit_row_fraction(idx.numel(), n), lin, d_in,
+                                                                 d_out):
                 # Fitting: at this τ the kept rows (plus a CSR weight) would not pay against the
                 # merged layer, so the plan runs this layer merged (exact): it keeps no τ.
                 self.thresholds[sub.name].pop(name, None)
@@ -752,6 +755,14 @@ class SharedEngine(nn.Module):
     def _fitting(self, task: str) -> bool:
         return self._fit_density is not None and task in self._fit_density
 
+    def _fit_row_fraction(self, kept: int, n: int) -> float:
+        """The fraction of rows kept over the whole fitting set (every rank's share): the plan
+        must not depend on how the set is sharded."""
+        if self._fit_ranks.world_size == 1:
+            return kept / n
+        kept, n = self._fit_ranks.sum_floats(kept, n)
+        return kept / n
+
     def _merged(self, name: str, lin: _DeltaLinear) -> tuple[torch.Tensor, torch.Tensor]:
         """``W_b + M ⊙ δ`` (and bias) of a layer: made at load for a dense delta, on first use for
         a CSR or zero one (``W_b`` itself then, no copy), and kept."""
@@ -773,33 +784,42 @@ class SharedEngine(nn.Module):
             density = self._fit_density[task]
             if isinstance(density, Mapping):  # per layer, "*" for the rest
                 density = density.get(name, density["*"])
-            self.thresholds[task][name] = _tau_for_density(delta, density, self.threshold_mode)
+            self.thresholds[task][name] = _tau_for_density(delta, density, self.threshold_mode, self._fit_ranks)
         return self.thresholds[task].get(name, 0.0)
 
     @torch.inference_mode()
-    def fit_thresholds(self, images: torch.Tensor, density: float | Mapping[str, float]) -> dict[str, torch.Tensor]:
+    def fit_thresholds(self, images: torch.Tensor, density: float | Mapping[str, float],
+                       ranks: Ranks | None = None) -> dict[str, torch.Tensor]:
         """Set every layer's τ so that a fraction ``density`` of the activation delta survives on
         ``images`` (rows in token mode, entries in element mode), layer after layer in one pass
         (each τ sees the deltas the earlier thresholds produced). ``density`` may be per task,
         and a task's may be per layer (``{path: density, "*": density of the others}``).
-        Returns that pass's outputs, which are exactly the outputs under the new thresholds."""
+        Returns that pass's outputs, which are exactly the outputs under the new thresholds.
+
+        ``ranks``: ``images`` is this rank's contiguous share of the set (``Ranks.share``); every
+        rank calls this together, and each layer's τ and plan come from the deltas of the whole
+        set (gathered), so every rank gets the τ one process would on all the images."""
         subs = list(self.subtasks)
         target = density if isinstance(density, Mapping) else {t: density for t in subs}
         self._fit_density = {t: (dict(v) if isinstance(v, Mapping) else float(v)) for t, v in target.items()}
+        self._fit_ranks = ranks or Ranks.single()
         for t in self._fit_density:
             self.thresholds[t] = {}
         try:
             return self(images)
         finally:
             self._fit_density = None
+            self._fit_ranks = Ranks.single()
 
 
-def _tau_for_density(delta: torch.Tensor, density: float, mode: str) -> float:
+def _tau_for_density(delta: torch.Tensor, density: float, mode: str, ranks: Ranks | None = None) -> float:
     """The τ that keeps a fraction ``density`` of the rows (token mode) or entries (element mode):
-    the midpoint between the last kept and the first dropped magnitude."""
+    the midpoint between the last kept and the first dropped magnitude, over every rank's rows."""
     if density >= 1.0:
         return 0.0
     mag = delta.abs().amax(dim=1) if mode == "token" else delta.abs().flatten()
+    if ranks is not None:
+        mag = ranks.gather(mag)  # in the set's order (contiguous shares): the same sample below
     if mag.numel() > 1 << 21:  # element mode on big layers: a fixed random sample is plenty
         g = torch.Generator(device="cpu").manual_seed(0)
         mag = mag[torch.randint(mag.numel(), (1 << 21,), generator=g).to(mag.device)]
@@ -830,7 +850,8 @@ def _task_metric(task: str, output: torch.Tensor, target: torch.Tensor, dataset:
 
 def calibrate(engine: SharedEngine, images: torch.Tensor,
               targets_or_metric_fn: Mapping[str, torch.Tensor] | MetricFn, tolerance: float = 0.005,
-              *, dataset: str = "pascal_context", steps: int = 10, per_layer: bool = False) -> dict[str, dict]:
+              *, dataset: str = "pascal_context", steps: int = 10, per_layer: bool = False,
+              ranks: Ranks | None = None, progress: Progress | None = None) -> dict[str, dict]:
     """Pick per-layer τ so that each sub-task's metric stays within ``tolerance`` (relative) of
     its τ = 0 value on ``images``; sets ``engine.thresholds`` and returns a summary per task.
 
@@ -847,6 +868,11 @@ def calibrate(engine: SharedEngine, images: torch.Tensor,
     ``per_layer``: then, layer by layer (largest first, deeper first among equals), try a lower
     density for that layer alone (0, ρ/4, ρ/2: the first feasible one stays), since layers differ
     in how much their skipped rows cost the metric. Up to 3 passes per sparse layer.
+
+    Sharded (``ranks``): ``images`` is this rank's contiguous share and every rank calls this
+    together; τ are fitted on the whole set (:meth:`SharedEngine.fit_thresholds`) and the metric
+    function must return the metric pooled over every rank (so every rank bisects alike).
+    ``progress("calibrate", pass, passes)`` after each pass.
     """
     if callable(targets_or_metric_fn):
         metric = targets_or_metric_fn
@@ -856,8 +882,12 @@ def calibrate(engine: SharedEngine, images: torch.Tensor,
     subs = list(engine.subtasks)
     for t in subs:
         engine.thresholds[t] = {}
+    passes = 1 + steps
+    report = progress or (lambda *_: None)
     ref_out = engine(images)
     m0 = {t: metric(t, ref_out[t]) for t in subs}
+    done = 1
+    report("calibrate", done, passes)
     lo = {t: 0.0 for t in subs}
     hi = {t: 1.0 for t in subs}
     best = {t: ({}, m0[t]) for t in subs}
@@ -870,7 +900,7 @@ def calibrate(engine: SharedEngine, images: torch.Tensor,
         if not active:
             break
         mid = {t: (lo[t] + hi[t]) / 2 for t in active}
-        out = engine.fit_thresholds(images, mid)
+        out = engine.fit_thresholds(images, mid, ranks)
         for t in active:
             m = metric(t, out[t])
             if feasible(t, m):
@@ -878,14 +908,19 @@ def calibrate(engine: SharedEngine, images: torch.Tensor,
                 best[t] = (dict(engine.thresholds[t]), m)
             else:
                 lo[t] = mid[t]
+        done += 1
+        report("calibrate", done, passes)
     layer_density = {t: {"*": hi[t]} for t in subs}
     if per_layer:
         for t in active:
             order = sorted(best[t][0], key=lambda n: (-engine.base[f"{n}.weight"].numel(), -int(n.split(".")[1])))
+            passes += 3 * len(order)  # at most
             for name in order:
                 for cand in (0.0, hi[t] / 4, hi[t] / 2):
                     trial = {**layer_density[t], name: cand}
-                    m = metric(t, engine.fit_thresholds(images, {t: trial})[t])
+                    m = metric(t, engine.fit_thresholds(images, {t: trial}, ranks)[t])
+                    done += 1
+                    report("calibrate", done, passes)
                     if feasible(t, m):
                         layer_density[t] = trial
                         best[t] = (dict(engine.thresholds[t]), m)

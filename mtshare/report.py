@@ -85,6 +85,9 @@ def _row(r: dict, ref: dict | None) -> dict:
         "flops": r["flops"], "dense_flops": r["dense_flops"],
         "params_stored": r["params_stored"], "params_dense": r["params_dense"],
         "stage": r["stage"],
+        # how the reported value was computed: the val split shared by R ranks, pooled (None: an
+        # older result that did not record it)
+        "eval": (point.get("eval") if point else None) or r.get("eval"),
     }
     if r.get("stream"):
         row["stream"] = {k: v for k, v in r["stream"].items() if k != "calibration"}

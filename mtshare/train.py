@@ -39,6 +39,7 @@ from mtshare import flops
 from mtshare import operating_point as op
 from mtshare.data import ClipDataset, build_dataset, sequences
 from mtshare.engine import SharedEngine, SparsePolicy
+from mtshare.evaluation import Progress, Ranks
 from mtshare.models import DenseTaskModel, build_model, load_pretrained
 from mtshare.models.delta import (
     ActivationRecorder, add_deltas, base_mode, close_smallest, delta_sparsity, effective_deltas, gate_sparsity,
@@ -203,6 +204,14 @@ def build_stage_model(spec: StageSpec, base_path: Path | None, base_sha256: str 
     return model, deltas
 
 
+def holdout_set(spec: StageSpec) -> Subset:
+    """The last ``dataset.holdout`` images of the train split, with val transforms: no stage
+    trains on them; they calibrate the operating points (so the val split stays unseen)."""
+    d = spec.dataset
+    train = build_dataset(d.name, d.root, "train", [spec.task], train=False, img_size=d.img_size)
+    return Subset(train, list(range(len(train) - d.holdout, len(train))))
+
+
 class Trainer:
     """Trains one stage. ``train()`` returns the stage result (metrics, sparsity, figures) and
     leaves ``model.safetensors`` (last), ``best.safetensors`` and ``result.json`` in ``out_dir``.
@@ -222,17 +231,23 @@ class Trainer:
         on_log: Callable[[dict, int], None] | None = None,
         on_checkpoint: Callable[[Path], None] | None = None,
         resume_dir: str | Path | None = None,
+        on_progress: Progress | None = None,
     ):
         """``resume_dir``: a resume state to start from (default ``<out_dir>/resume`` when it
         exists). ``on_checkpoint(dir)``: called on every rank after each resume state is written
-        to ``dir`` (the directory is reused: copy what you keep)."""
+        to ``dir`` (the directory is reused: copy what you keep). ``on_progress(phase, done,
+        total)``: rank 0's progress through the end-of-stage evaluations (its own share)."""
         self.spec = spec
         self.out_dir = Path(out_dir)
         self.device = torch.device(device or spec.device)
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.ranks = Ranks(self.device)  # evaluations are sharded over the stage's ranks
+        self.rank, self.world_size = self.ranks.rank, self.ranks.world_size
         self.is_rank_zero = self.rank == 0
         self.on_log = on_log if self.is_rank_zero else None
+        self.on_progress = on_progress if self.is_rank_zero else None
+        self.phase_seconds: dict[str, float] = {}  # end-of-stage evaluation phases (see _progress)
+        self._phase: str | None = None
+        self._phase_started = 0.0
         self.on_checkpoint = on_checkpoint
         self.resume_dir = Path(resume_dir) if resume_dir else self.out_dir / RESUME_DIR
         self.task = get_task(spec.task)
@@ -266,16 +281,15 @@ class Trainer:
         d = self.spec.dataset
         train_set = build_dataset(d.name, d.root, "train", [self.spec.task], train=True, img_size=d.img_size)
         val_set = build_dataset(d.name, d.root, "val", [self.spec.task], train=False, img_size=d.img_size)
-        # The last dataset.holdout images of the train split train no stage: they calibrate the
-        # operating points (with val transforms), so the val split stays unseen.
         n_fit = len(train_set) - d.holdout
         if n_fit < self.spec.optim.batch_size * self.world_size:
             raise StageFailure(f"{self.spec.name}: {len(train_set)} training images minus dataset.holdout "
                                f"{d.holdout} < one global batch")
-        self.holdout_set = Subset(
-            build_dataset(d.name, d.root, "train", [self.spec.task], train=False, img_size=d.img_size),
-            list(range(n_fit, len(train_set))))
+        self.holdout_set = holdout_set(self.spec)
         self.full_val_set = val_set
+        if self.spec.calibration is not None and d.holdout < self.world_size:
+            raise StageFailure(f"{self.spec.name}: dataset.holdout {d.holdout} < resources.workers "
+                               f"{self.world_size}: every rank calibrates on its own share of the holdout")
         self.act_temporal = self._act_temporal(train_set)
         if self.act_temporal:  # 2-frame clips, as many frames per step as without
             train_set = ClipDataset(train_set, clip_len=2, indices=list(range(n_fit)))
@@ -290,11 +304,13 @@ class Trainer:
             train_set, batch_size=batch_size, sampler=self.train_sampler, drop_last=True,
             num_workers=d.num_workers, persistent_workers=d.num_workers > 0,
         )
-        # Validation: each rank takes a disjoint slice (no padding duplicates), counts are pooled.
-        self.val_loader = DataLoader(
-            Subset(val_set, list(range(self.rank, len(val_set), self.world_size))),
-            batch_size=self.spec.optim.batch_size, num_workers=d.num_workers,
-        )
+        # Validation: each rank takes a disjoint contiguous share (no padding duplicates), counts are pooled.
+        self.val_loader = self._share_loader(val_set)
+
+    def _share_loader(self, dataset) -> DataLoader:
+        """This rank's contiguous share of ``dataset`` (``Ranks.share``), in batches."""
+        return DataLoader(Subset(dataset, list(self.ranks.share(len(dataset)))), batch_size=self.spec.optim.batch_size,
+                          num_workers=self.spec.dataset.num_workers)
 
     def _act_temporal(self, train_set) -> float:
         """Step3's temporal penalty weight: ``act_temporal``, or ``act_row`` when that is unset and
@@ -407,14 +423,7 @@ class Trainer:
             with self._autocast():
                 pred = self.forward_model(batch["image"].to(self.device))
             meter.update(pred.float().cpu(), batch[self.spec.task])
-        state = meter.state()
-        if self.world_size > 1:
-            for k, v in state.items():
-                t = v.to(self.device)
-                dist.all_reduce(t, op=dist.ReduceOp.SUM)
-                state[k] = t.cpu()
-            meter.load_state(state)
-        return float(meter.compute())
+        return float(self.ranks.merge(meter).compute())
 
     # --- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -512,12 +521,15 @@ class Trainer:
         engine = SharedEngine.from_base_checkpoint(self.base_path, {self.spec.task: (eff, self.model.head)},
                                                    self.base_sha256, device=self.device,
                                                    policy=SparsePolicy.for_plan(cal.plan))
-        bs = self.spec.optim.batch_size
-        calib = op.stack(DataLoader(self.holdout_set, batch_size=bs), self.spec.task)
-        point = op.operating_point(engine, self.spec.task, calib, DataLoader(self.full_val_set, batch_size=bs),
+        # Every rank calibrates and evaluates its own share; the figures pool all shares.
+        self._progress("calibrate", 0, cal.steps + 1)
+        calib = op.stack(self._share_loader(self.holdout_set), self.spec.task)
+        criterion = op.meter_options(self.spec.task, cal.edge_thresholds or self.spec.optim.edge_thresholds)
+        point = op.operating_point(engine, self.spec.task, calib, self._share_loader(self.full_val_set),
                                    self.spec.dataset.name, cal.tolerance, cal.margin, cal.steps, self._meter_options(),
-                                   cal.per_layer)
-        point["calibration"]["plan"] = cal.plan  # stored with τ: which plan they were calibrated for
+                                   cal.per_layer, self.ranks, self._progress, criterion)
+        # stored with τ: which plan they were calibrated for, on which criterion
+        point["calibration"].update(plan=cal.plan, meter_options=criterion)
         out = {**out, "flops": point["flops"], "delta_activation_sparsity": point["rows_skipped"],
                "operating_point": point}
         if self.spec.stream is not None:  # on top of the base's temporal τ (stored with the base)
@@ -531,12 +543,28 @@ class Trainer:
         on the holdout frames, measured on the whole val split, sequence by sequence."""
         s = self.spec.stream
         calib = op.sequence_clips(self.holdout_set, [self.spec.task])
-        val = op.sequence_clips(self.full_val_set, [self.spec.task])
-        if not calib or not val:
+        val = op.sequence_clips(self.full_val_set, [self.spec.task], self.ranks)
+        if not calib or not self.ranks.sum_floats(len(val))[0]:  # (a rank may hold no clip, the split must)
             raise StageFailure(f"{self.spec.name}: stream: the dataset at {self.spec.dataset.root} has no frame "
                                f"sequences (ids <sequence>/<frame>; `data synth --sequences`)")
+        self._progress("stream_calibrate", 0, s.steps)
         return op.stream_point(engine, self.spec.task, calib, val, self.spec.dataset.name, s.keyframe_every,
-                               s.split_layer, s.tolerance, s.margin, s.steps, self._meter_options())
+                               s.split_layer, s.tolerance, s.margin, s.steps, self._meter_options(), self.ranks,
+                               self._progress)
+
+    def _progress(self, phase: str, done: int, total: int) -> None:
+        """Time each end-of-stage phase (``phase_seconds``: from its first report to the next
+        phase's, for the result and the stage's MLflow run) and pass rank 0's progress on."""
+        if phase != self._phase:
+            self._end_phase()
+            self._phase, self._phase_started = phase, time.time()
+        if self.on_progress is not None:
+            self.on_progress(phase, done, total)
+
+    def _end_phase(self) -> None:
+        if self._phase is not None:
+            self.phase_seconds[self._phase] = self.phase_seconds.get(self._phase, 0.0) + time.time() - self._phase_started
+            self._phase = None
 
     # --- the loop -------------------------------------------------------------------------
     def train(self) -> dict:
@@ -582,13 +610,19 @@ class Trainer:
             "metric_name": self.task.metric, "higher_is_better": self.task.higher_is_better,
             "metric": metric, "best_metric": self.best, "iterations": self.iteration,
             "resumed_from": resumed_from, "train_seconds": time.time() - t0,
+            # `metric`'s evaluation: val shared by the stage's ranks, meter states pooled
+            "eval": {"ranks": self.world_size, "images_per_rank": self.ranks.sizes(len(self.full_val_set))},
         }
-        if self.is_rank_zero:
-            result.update(self.figures())
+        t_figures = time.time()
+        result.update(self.figures())  # every rank: its share of each evaluation, figures pooled
+        self._end_phase()
+        result["phase_seconds"] = {**self.phase_seconds, "figures": time.time() - t_figures}
+        if self.on_log:
+            self.on_log({f"time_{k}_s": v for k, v in result["phase_seconds"].items()}, self.iteration)
         sha = self.save_model(self.out_dir / "model.safetensors",
                               {"metric": metric, "result": result, "operating_point": result.get("operating_point"),
                                "stream": result.get("stream")})
-        result["checksum"] = sha
+        result["checksum"] = self.ranks.broadcast_object(sha)  # every rank chains the next step from it
         if self.is_rank_zero:
             ckpt.atomic_write_bytes(self.out_dir / "result.json", json.dumps(result, indent=1).encode())
             shutil.rmtree(self.out_dir / RESUME_DIR, ignore_errors=True)  # finished: the output supersedes it

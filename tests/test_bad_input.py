@@ -126,6 +126,11 @@ def workers_zero(ctx):
     return ctx.run(ctx.config({"resources.workers": 0})), "resources.workers"
 
 
+def holdout_below_workers(ctx):
+    # every rank calibrates on its own share of the holdout: refused before anything runs
+    return ctx.run(ctx.config({"dataset.holdout": 2, "resources.workers": 3})), "dataset.holdout"
+
+
 def gpus_beyond_any_node(ctx):
     ctx.pre_existing_workdir()
     if not (os.environ.get("RAY_AUTH_MODE") or os.environ.get("RAY_AUTH_TOKEN") or _HOME_TOKEN.exists()):
@@ -294,6 +299,7 @@ CASES = {
     "lr-zero": lr_zero,
     "batch-size-zero": batch_size_zero,
     "workers-zero": workers_zero,
+    "holdout-below-workers": holdout_below_workers,
     "gpus-beyond-any-node": gpus_beyond_any_node,
     "cuda-with-a-fraction-of-a-gpu": cuda_with_a_fraction_of_a_gpu,
     "workers-beyond-the-cluster": workers_beyond_the_cluster,
