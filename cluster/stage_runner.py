@@ -38,6 +38,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from mtshare import metrics
 from mtshare.checkpoint import sha256_file
 from mtshare.stages import MODEL_FILE, StageSpec
 from mtshare.train import BEST_FILE, RESUME_DIR, StageFailure, Trainer
@@ -433,7 +434,9 @@ def pipeline_train_func(config: dict) -> None:
     if spec.device == "cuda":
         device = ray.train.torch.get_device()
         torch.cuda.set_device(device)  # before anything allocates: NCCL and DeepSpeed use the current device
-    torch.set_num_threads(max(1, int(config.get("cpus_per_worker") or 1)))
+    cpus = max(1, int(config.get("cpus_per_worker") or 1))
+    torch.set_num_threads(cpus)
+    metrics.set_num_processes(cpus)  # ODS-F matching (CPU bound, outside torch) on the same CPUs
     wrap = make_wrap(config["deepspeed"] or {}, spec.optim.batch_size)
 
     def report(metrics: dict, checkpoint_dir: str | None, name: str | None) -> None:

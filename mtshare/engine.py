@@ -661,8 +661,9 @@ class SharedEngine(nn.Module):
             rows = rowmax >= tau if (tau > 0 and self.threshold_mode == "token") else rowmax > 0
             idx = rows.nonzero().squeeze(1)
             r = idx.numel() / n
-            if self._fitting(sub.name) and not self._sparse_pays(self._fit_row_fraction(idx.numel(), n), lin, d_in,
-                                                                 d_out):
+            if self._fitting(sub.name):  # the whole fitting set's fraction (every rank's share): plan and
+                r = self._fit_row_fraction(idx.numel(), n)  # path must not depend on how it is sharded
+            if self._fitting(sub.name) and not self._sparse_pays(r, lin, d_in, d_out):
                 # Fitting: at this τ the kept rows (plus a CSR weight) would not pay against the
                 # merged layer, so the plan runs this layer merged (exact): it keeps no τ.
                 self.thresholds[sub.name].pop(name, None)

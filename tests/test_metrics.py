@@ -219,6 +219,30 @@ def test_odsf_is_deterministic():
     assert len(values) == 1
 
 
+def test_odsf_in_a_process_pool_counts_what_one_process_counts():
+    """``set_num_processes``: a batch's (image, threshold chunk) pieces match in a pool; the
+    pooled counts (so the F per threshold) are exactly those matched in this process."""
+    from mtshare import metrics
+
+    g = torch.Generator().manual_seed(1)
+    gt = (torch.rand(3, 48, 48, generator=g) > 0.9).long()
+    gt[0, :4] = 255
+    logits = torch.randn(3, 1, 48, 48, generator=g) * 3
+    states = []
+    for processes in (1, 2):
+        metrics.set_num_processes(processes)
+        try:
+            m = ODSFMeter(max_dist=0.02, n_thresholds=25)
+            m.update(logits[:2], gt[:2])
+            m.update(logits[2:], gt[2:])
+            states.append(m.state())
+        finally:
+            metrics.set_num_processes(1)
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert int(states[0]["pred"].sum()) > 0 and int(states[0]["matched_gt"].sum()) > 0
+
+
 def test_odsf_far_away_is_zero():
     gt = edge_gt()
     pred = torch.zeros_like(gt)

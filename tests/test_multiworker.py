@@ -103,8 +103,8 @@ def test_two_worker_chain_resumes_mid_step_and_outlasts_the_collective_timeout(t
 
 def test_two_rank_figures_equal_one_process_on_the_same_checkpoint(two_worker_suite):
     """Re-calibrate and re-evaluate the 2-worker step3's checkpoint in this one process: the
-    same τ and the same figures (meter states are pooled exactly; τ are fitted on the gathered
-    rows of the whole holdout)."""
+    same τ (up to the BLAS's rounding) and the same figures (meter states are pooled exactly;
+    τ are fitted on the gathered rows of the whole holdout, the plan on its pooled row count)."""
     from torch.utils.data import DataLoader
 
     from mtshare import checkpoint as ckpt
@@ -130,7 +130,12 @@ def test_two_rank_figures_equal_one_process_on_the_same_checkpoint(two_worker_su
                                cal.margin, cal.steps, op.meter_options("edge", spec.optim.edge_thresholds),
                                cal.per_layer)
     assert stored["tau"], "the flops plan keeps some τ on this model: the test must compare thresholds"
-    assert point["tau"] == stored["tau"]
+    # τ: fitted on the same rows gathered from both ranks, but those rows come out of GEMMs of
+    # other shapes (a rank's share, its kept rows), and the BLAS rounds a GEMM of a few rows
+    # differently (M <= ~10 on this CPU): the same as changing the batch size in one process.
+    assert point["tau"].keys() == stored["tau"].keys()
+    for name, tau in stored["tau"].items():
+        assert point["tau"][name] == pytest.approx(tau, rel=1e-5), name
     for key in ("value", "value_exact"):  # meter states are counts: pooled exactly
         assert point[key] == stored[key], key
     for key in ("flops", "flops_exact", "rows_skipped"):  # float sums, added in another order
