@@ -82,6 +82,8 @@ def test_two_worker_chain_resumes_mid_step_and_outlasts_the_collective_timeout(t
     # The calibration took longer than one collective may wait: every rank calibrated.
     assert step3["phase_seconds"]["calibrate"] > TIMEOUT_S
     assert {"calibrate", "val_at_tau", "val_exact", "figures"} <= set(step3["phase_seconds"])
+    # rank 0's phase events reached the driver's state file (what `status` shows while it runs)
+    assert after["edge/step3"]["phase"] == {"phase": "val_exact", "done": 3, "total": 3, "ranks": 2}
     n_val = len((Path(raw["dataset"]["root"]) / "ImageSets/Context/val.txt").read_text().split())
     point = step3["operating_point"]
     assert point["eval"] == {"ranks": 2, "images_per_rank": [n_val - n_val // 2, n_val // 2]}
