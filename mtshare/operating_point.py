@@ -101,7 +101,8 @@ def calibrate_task(engine: SharedEngine, task: str, images: torch.Tensor, target
             meter = _meter(task, dataset, meter_options)
             if hi > lo:
                 meter.update(out[lo:hi].float().cpu(), targets[lo:hi])
-            meters.append(ranks.merge(meter))
+            meters.append(meter)
+        meters = [ranks.merge(m) for m in meters]  # after every rank scored its whole share: no rank idles
         if len(meters) == 1:
             return [signed(meters[0])]
         whole = _meter(task, dataset, meter_options)
