@@ -1,5 +1,5 @@
 """The demo-shaped suite, smaller, on a local Ray (real Ray Train, DeepSpeed, MLflow) end to
-end, and a stage on 2 workers with DeepSpeed ZeRO-2 (S3 storage: test_cluster_multinode.py)."""
+end (S3 storage: test_cluster_multinode.py; 2 workers per stage: test_multiworker.py)."""
 from __future__ import annotations
 
 import json
@@ -11,16 +11,9 @@ import pytest
 from cluster.progress import show_status
 from cluster.run import run_suite
 from cluster.workdir import read_state
-from cluster.deepspeed_stepper import load_ds_config
-from cluster.executors import RayExecutor
-from cluster.stage_runner import make_job
-from cluster.storage import LocalStorage
 from cluster.state import SCHEMA_KEYS
 from mtshare import checkpoint as ckpt
 from mtshare.config import validate_suite
-from mtshare.stages import plan
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _cfg(raw: dict, workdir: Path):
@@ -92,30 +85,3 @@ def test_suite_end_to_end_state_mlflow_and_checkpoints_agree(finished_suite, cap
     assert set(status) == {"suite", "state", "stages"} and status["state"] == "done"
     assert all(tuple(s) == SCHEMA_KEYS for s in status["stages"])
     assert show_status(workdir, fmt="table") == 0
-
-
-def test_stage_with_two_workers_trains_with_zero2_and_ranks_agree(finished_suite, tmp_path):
-    """sal/step1 — δ, gates (incl. 0-dim per-tensor logits), head — on 2 Ray Train workers,
-    from the suite's base: a ZeRO-2 engine, and both ranks end with identical weights."""
-    _, raw, workdir = finished_suite
-    base_sha = read_state(workdir)["stages"][0]["checksum"]
-    storage = LocalStorage(tmp_path / "store")
-    storage.put(workdir / "store" / "base" / "model.safetensors", "base/model.safetensors")
-    cfg = _cfg({**raw, "resources": {"workers": 2, "cpus_per_worker": 1}}, tmp_path)
-    spec = next(s for s in plan(cfg) if s.name == "sal/step1")
-    ds = load_ds_config(REPO / "configs/deepspeed/zero2.json")
-    executor = RayExecutor(cfg, storage, ds)
-    try:
-        result = executor.run([spec], make_job([spec], storage, base_sha256=base_sha, prev_sha256=None, ds_config=ds))
-    finally:
-        executor.close()
-    (outcome,) = result["stages"]
-    assert outcome["status"] == "done", outcome
-    assert outcome["world_size"] == 2
-    assert outcome["stepper"] == {"class": "DeepSpeedStepper", "optimizer": "DeepSpeedZeroOptimizer", "zero_stage": 2}
-    digests = outcome["param_digests"]
-    assert len(digests) == 2 and digests[0] == digests[1]
-    local = storage.local_path(spec.output_key)
-    assert ckpt.sha256_file(local) == outcome["checksum"]
-    deltas, _, manifest = ckpt.load_subtask(local, base_sha256=base_sha)
-    assert manifest["iteration"] == cfg.train.step1.iters and deltas

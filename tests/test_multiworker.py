@@ -77,6 +77,16 @@ def test_two_worker_chain_resumes_mid_step_and_outlasts_the_collective_timeout(t
     assert all(st["status"] == "done" for st in after.values())
     for name in ("base", "edge/step1", "edge/step2"):  # not re-run
         assert after[name]["ended"] == before[name]["ended"]
+    from mtshare import checkpoint as ckpt
+
+    for name, st in after.items():  # every stage: 2 ZeRO-2 ranks that end with identical weights
+        assert st["world_size"] == 2, name
+        assert st["stepper"] == {"class": "DeepSpeedStepper", "optimizer": "DeepSpeedZeroOptimizer", "zero_stage": 2}
+        assert len(st["param_digests"]) == 2 and st["param_digests"][0] == st["param_digests"][1], name
+        assert ckpt.sha256_file(workdir / "store" / name / "model.safetensors") == st["checksum"], name
+    deltas, _, manifest = ckpt.load_subtask(workdir / "store/edge/step3/model.safetensors",
+                                            base_sha256=after["base"]["checksum"])  # a consistent chain
+    assert deltas and manifest["iteration"] == raw["train"]["step3"]["iters"]
     store = workdir / "store"
     step3 = json.loads((store / "edge/step3/result.json").read_text())
     # The calibration took longer than one collective may wait: every rank calibrated.
