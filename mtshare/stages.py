@@ -70,6 +70,8 @@ class StageSpec(BaseModel):
                 d[section].pop(key, None)
         if d.get("stream") is None:  # (absent before video streams: finished suites stay current)
             d.pop("stream", None)
+        if d.get("calibration") and d["calibration"].get("edge_thresholds") is None:
+            d["calibration"].pop("edge_thresholds")  # (absent before it was a setting: the same)
         if for_resume:
             d.pop("workers")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()

@@ -3,7 +3,6 @@ gathers and τ fits over two real gloo processes equal to one process on the who
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 import torch
@@ -55,23 +54,21 @@ def _figures(ranks: Ranks) -> dict:
             "broadcast": ranks.broadcast_object(f"from {ranks.rank}"), "all": ranks.all(ranks.rank == 0)}
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+def _worker(rank: int, world: int, store: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         figures = _figures(Ranks())
         if rank == 0:
             with open(out, "w") as f:
                 json.dump(figures, f)
+        dist.barrier()  # neither rank tears its connections down while the other still uses them
     finally:
         dist.destroy_process_group()
 
 
 def test_two_processes_pool_meters_and_fit_tau_as_one_process(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "figures.json"
-    mp.spawn(_worker, args=(2, port, str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path / "rendezvous"), str(out)), nprocs=2, join=True)
     pooled = json.loads(out.read_text())
     one = _figures(Ranks.single())
     assert pooled["miou"] == one["miou"] and pooled["odsf"] == one["odsf"]
