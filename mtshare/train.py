@@ -10,6 +10,9 @@ A :class:`StageSpec` says what differs between stages:
     step3   base + step2 output         δ on its mask, head      activation penalty (rows, or the reference's L1)
 
 A sub-task's last sharing step also calibrates its operating point (``mtshare.operating_point``).
+Every evaluation — in training and at the end of the stage — runs on every rank over its own
+contiguous share of the split, meter states pooled (``mtshare.evaluation.Ranks``): no rank waits
+in a collective for another rank's serial work.
 
 The loop runs on CPU or CUDA, fp32 or bf16, single process or under ``torch.distributed``.
 It knows nothing of Ray or DeepSpeed: a caller that wants DeepSpeed passes a ``wrap``
