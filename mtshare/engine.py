@@ -660,10 +660,12 @@ class SharedEngine(nn.Module):
             rowmax = torch.maximum(delta.amax(dim=1), delta.amin(dim=1).neg_())
             rows = rowmax >= tau if (tau > 0 and self.threshold_mode == "token") else rowmax > 0
             idx = rows.nonzero().squeeze(1)
-            r = idx.numel() / n
-            if self._fitting(sub.name):  # the whole fitting set's fraction (every rank's share): plan and
-                r = self._fit_row_fraction(idx.numel(), n)  # path must not depend on how it is sharded
-            if self._fitting(sub.name) and not self._sparse_pays(r, lin, d_in, d_out):
+            fitting = self._fitting(sub.name)
+            kept, total = idx.numel(), n
+            if fitting:  # the whole set's fraction (every rank's share): plan and path must not depend on the sharding
+                kept, total = self._fit_ranks.sum_floats(kept, total)
+            r = kept / total
+            if fitting and not self._sparse_pays(r, lin, d_in, d_out):
                 # Fitting: at this τ the kept rows (plus a CSR weight) would not pay against the
                 # merged layer, so the plan runs this layer merged (exact): it keeps no τ.
                 self.thresholds[sub.name].pop(name, None)
@@ -755,14 +757,6 @@ class SharedEngine(nn.Module):
 
     def _fitting(self, task: str) -> bool:
         return self._fit_density is not None and task in self._fit_density
-
-    def _fit_row_fraction(self, kept: int, n: int) -> float:
-        """The fraction of rows kept over the whole fitting set (every rank's share): the plan
-        must not depend on how the set is sharded."""
-        if self._fit_ranks.world_size == 1:
-            return kept / n
-        kept, n = self._fit_ranks.sum_floats(kept, n)
-        return kept / n
 
     def _merged(self, name: str, lin: _DeltaLinear) -> tuple[torch.Tensor, torch.Tensor]:
         """``W_b + M ⊙ δ`` (and bias) of a layer: made at load for a dense delta, on first use for

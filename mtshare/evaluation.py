@@ -31,9 +31,9 @@ class Ranks:
         self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         self.rank = dist.get_rank() if self.distributed else 0
         self.world_size = dist.get_world_size() if self.distributed else 1
-        # NCCL reduces CUDA tensors only; gloo CPU ones
+        # NCCL reduces CUDA tensors only (on the rank's device); gloo CPU ones
         nccl = self.distributed and dist.get_backend() == "nccl"
-        self.device = torch.device(device) if nccl and device is not None else torch.device("cuda" if nccl else "cpu")
+        self.device = torch.device(device or "cuda") if nccl else torch.device("cpu")
 
     @classmethod
     def single(cls) -> "Ranks":
@@ -81,16 +81,14 @@ class Ranks:
             meter.load_state({k: self.sum(v) for k, v in meter.state().items()})
         return meter
 
-    def all(self, flag: bool) -> bool:
-        """True when ``flag`` holds on every rank."""
-        return self.sum_floats(0.0 if flag else 1.0)[0] == 0.0
-
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """Every rank's ``tensor`` (same shape but for dim 0) concatenated along dim 0 in rank
         order: with contiguous shares, the split's order."""
         if not self.distributed:
             return tensor
-        counts = self.sum(torch.nn.functional.one_hot(torch.tensor(self.rank), self.world_size) * tensor.shape[0])
+        counts = torch.zeros(self.world_size, dtype=torch.int64)
+        counts[self.rank] = tensor.shape[0]
+        counts = self.sum(counts)  # every rank's length
         width = int(counts.max())
         local = tensor.detach().to(self.device)
         padded = local.new_zeros((width, *local.shape[1:]))

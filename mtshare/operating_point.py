@@ -162,7 +162,8 @@ def evaluate_task(engine: SharedEngine, task: str, batches: Iterable[dict], data
     finally:
         engine.collect_stats = was
     per_rank = [int(v) for v in ranks.gather_objects(images)]
-    all_images, executed, skipped = ranks.sum_floats(images, executed, skipped)
+    all_images = sum(per_rank)
+    executed, skipped = ranks.sum_floats(executed, skipped)
     if not all_images:
         raise ValueError(f"{task}: no images to evaluate")
     paths = sum((Counter(p) for p in ranks.gather_objects(dict(paths))), Counter())
@@ -258,8 +259,6 @@ def stream_point(engine: SharedEngine, task: str, calib: list[tuple[torch.Tensor
         tried[layer] = (holdout, summary, engine.temporal_thresholds)
     chosen = min(plans, key=lambda layer: tried[layer][0]["flops"])  # ties: the configured plan
     _, summary, engine.temporal_thresholds = tried[chosen]
-    if progress is not None:
-        progress("stream_val", 0, sum(len(c) for c, _ in val))
     figures = _stream_figures(engine, task, val, dataset, keyframe_every, chosen, meter_options, ranks, progress)
     return {"keyframe_every": keyframe_every, "split_layer": chosen,
             "tau": dict(engine.temporal_thresholds.get(task, {})), "scale": summary["scale"][task],
@@ -282,6 +281,8 @@ def _stream_figures(engine: SharedEngine, task: str, clips: list[tuple[torch.Ten
 
     ranks = ranks or Ranks.single()
     total = sum(len(c) for c, _ in clips)
+    if progress is not None:
+        progress("stream_val", 0, total)
     stream = VideoStream(engine, keyframe_every, split_layer, tasks=[task], collect_stats=True)
     was, engine.collect_stats = engine.collect_stats, True
     meters = {"stream": _meter(task, dataset, meter_options), "engine": _meter(task, dataset, meter_options)}
@@ -304,12 +305,13 @@ def _stream_figures(engine: SharedEngine, task: str, clips: list[tuple[torch.Ten
     finally:
         engine.collect_stats = was
     per_rank = [int(v) for v in ranks.gather_objects(frames)]
-    frames, stream_flops, engine_flops, rows_sum, rows_n, n_clips = ranks.sum_floats(
-        frames, flops["stream"], flops["engine"], sum(rows), len(rows), len(clips))
+    frames = sum(per_rank)
+    stream_flops, engine_flops, rows_sum, rows_n, n_clips = ranks.sum_floats(
+        flops["stream"], flops["engine"], sum(rows), len(rows), len(clips))
     if not frames:
         raise ValueError(f"{task}: no frames to stream")
     return {"value": float(ranks.merge(meters["stream"]).compute()),
             "value_engine": float(ranks.merge(meters["engine"]).compute()),
             "flops": stream_flops / frames, "flops_engine": engine_flops / frames,
-            "rows_recomputed": rows_sum / rows_n if rows_n else None, "frames": int(frames), "clips": int(n_clips),
+            "rows_recomputed": rows_sum / rows_n if rows_n else None, "frames": frames, "clips": int(n_clips),
             "eval": {"ranks": ranks.world_size, "frames_per_rank": per_rank}}

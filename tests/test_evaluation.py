@@ -51,7 +51,7 @@ def _figures(ranks: Ranks) -> dict:
             "rows": ranks.gather(local_rows.flatten()).tolist(),
             "tau": _tau_for_density(local_rows, 0.3, "token", ranks),
             "count": ranks.sum_floats(len(share))[0], "objects": ranks.gather_objects(ranks.rank),
-            "broadcast": ranks.broadcast_object(f"from {ranks.rank}"), "all": ranks.all(ranks.rank == 0)}
+            "broadcast": ranks.broadcast_object(f"from {ranks.rank}")}
 
 
 def _worker(rank: int, world: int, store: str, out: str) -> None:
@@ -75,7 +75,6 @@ def test_two_processes_pool_meters_and_fit_tau_as_one_process(tmp_path):
     assert pooled["rows"] == one["rows"]  # gathered in the split's order
     assert pooled["tau"] == one["tau"]
     assert pooled["count"] == 7 and pooled["objects"] == [0, 1] and pooled["broadcast"] == "from 0"
-    assert pooled["all"] is False and one["all"] is True
 
 
 def test_status_shows_a_stage_evaluation_phase():
