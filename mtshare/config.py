@@ -331,7 +331,11 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             if not isinstance(nxt, dict):
                 raise ConfigError(f"--set {key}: '{p}' is not a section")
             node = nxt
-        node[parts[-1]] = yaml.safe_load(value)
+        try:
+            node[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {key}: the value {value!r} is not YAML ({e.problem}); quote it: "
+                              f"--set {key}='\"{value}\"'") from None
     return raw
 
 

@@ -126,6 +126,11 @@ def workers_zero(ctx):
     return ctx.run(ctx.config({"resources.workers": 0})), "resources.workers"
 
 
+def set_value_not_yaml(ctx):
+    # `{workdir}/data` starts a YAML flow mapping: one line naming the key, not a traceback
+    return ctx.run(ctx.config(), "--set", "dataset.root={workdir}/data"), "--set dataset.root"
+
+
 def holdout_below_workers(ctx):
     # every rank calibrates on its own share of the holdout: refused before anything runs
     return ctx.run(ctx.config({"dataset.holdout": 2, "resources.workers": 3})), "dataset.holdout"
@@ -300,6 +305,7 @@ CASES = {
     "batch-size-zero": batch_size_zero,
     "workers-zero": workers_zero,
     "holdout-below-workers": holdout_below_workers,
+    "set-value-not-yaml": set_value_not_yaml,
     "gpus-beyond-any-node": gpus_beyond_any_node,
     "cuda-with-a-fraction-of-a-gpu": cuda_with_a_fraction_of_a_gpu,
     "workers-beyond-the-cluster": workers_beyond_the_cluster,
